@@ -1,0 +1,71 @@
+"""The app factory: wiring only. Each route's story lives in its own module."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy import chat, config, health
+from proxy.config import Settings
+from proxy.errors import ProxyError, error_response
+from proxy.passthrough import passthrough
+from proxy.upstream import Upstream
+
+log = logging.getLogger("memory_proxy")
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """Build the proxy. `transport` replaces the network to the upstream (tests use an in-process fake)."""
+    settings = settings or config.load()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.parts = {"upstream": False}
+        app.state.upstream = Upstream(settings, transport)
+        app.state.parts["upstream"] = True
+        try:
+            yield
+        finally:
+            app.state.parts = {}
+            await app.state.upstream.aclose()
+
+    routes = [
+        Route("/healthz", health.healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", health.readyz, methods=["GET", "HEAD"]),
+        Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+        Route("/v1/{path:path}", passthrough, methods=ALL_METHODS),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected_error,
+    })
+    app.state.settings = settings
+    return app
+
+
+async def _proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    if exc.status >= 500:
+        log.warning("%s %s: %s", request.method, request.url.path, exc.message)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    message = {404: f"no route for {request.method} {request.url.path}",
+               405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+    return error_response(exc.status_code, message, kind, code="not_found" if exc.status_code == 404 else None)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error in memory-proxy; the details are in its log", "server_error")

@@ -1,0 +1,68 @@
+"""The shared nouns: what a memory is, what a search returns, what a write asks for."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+def new_id() -> str:
+    """A 20-hex-digit id that sorts by creation time (ms), then at random.
+
+    Sortable ids give newest-first listing and stable cursors without a second index.
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(4).hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    id: str
+    user: str
+    text: str
+    category: str
+    source: str
+    created_at: float
+    updated_at: float
+    expires_at: float | None = None
+    supersedes: str | None = None
+    superseded_by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def active(self) -> bool:
+        """Recallable: not replaced by a newer memory and not expired."""
+        return self.superseded_by is None and (self.expires_at is None or self.expires_at > time.time())
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    memory: Memory
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.memory.to_dict(), "score": round(self.score, 6)}
+
+
+@dataclass(frozen=True, slots=True)
+class NewMemory:
+    """A memory to write. `replaces` names an older memory of the same user that this one supersedes."""
+
+    text: str
+    category: str = "fact"
+    source: str = "api"
+    ttl_seconds: float | None = None
+    replaces: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """An instruction to remove one memory of the user."""
+
+    id: str
+
+
+Operation = NewMemory | Forget

@@ -1,0 +1,68 @@
+"""The memory store: one protocol, two engines (SQLite + sqlite-vec by default, PostgreSQL + pgvector to share).
+
+Every method is a coroutine: engines run their blocking work in threads (SQLite: one writer thread that owns
+the write connection, reads in a small pool) so the event loop never waits on disk.
+
+Semantics shared by every engine (and proven by one test suite run against each):
+- `add` stores each NewMemory for the user; a near-duplicate (cosine >= dedupe_similarity) of an active memory
+  of the same user updates that memory (text, category, updated_at, expiry) instead of adding one;
+  `replaces` marks the named memory superseded (kept as history, never recalled).
+- `search` ranks only that user's active memories, inside the query itself, best first, score = cosine.
+  Among near-equal scores the newest wins.
+- Expired memories are never returned by search and are deleted by `purge_expired`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from proxy.models import Hit, Memory, NewMemory
+
+Vector = npt.NDArray[np.float32]
+
+
+class Store(Protocol):
+    dimension: int
+
+    async def add(self, user: str, items: Sequence[NewMemory], vectors: Vector) -> list[Memory]:
+        """Write memories (rows of `vectors` match `items`); returns each stored or updated memory."""
+
+    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0) -> list[Hit]:
+        """The user's top-k active memories by cosine similarity, at least `min_score`."""
+
+    async def get(self, user: str, memory_id: str) -> Memory | None: ...
+
+    async def list(self, user: str, limit: int = 100, before: str | None = None,
+                   include_history: bool = False) -> list[Memory]:
+        """Newest first; `before` is a memory id (the cursor); superseded memories only with include_history."""
+
+    async def update(self, user: str, memory_id: str, *, text: str | None = None, category: str | None = None,
+                     vector: Vector | None = None, expires_at: float | None = None) -> Memory | None: ...
+
+    async def forget(self, user: str, memory_id: str) -> bool: ...
+
+    async def erase(self, user: str) -> int:
+        """Delete every memory of the user, history included; returns how many."""
+
+    async def purge_expired(self) -> int: ...
+
+    async def count(self, user: str | None = None) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+async def open_store(url: str, *, dimension: int, dedupe_similarity: float = 0.9) -> Store:
+    """`postgresql://…` or `postgres://…` → PostgreSQL; `sqlite:///path`, a plain path or `:memory:` → SQLite."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from proxy.store.postgres import PostgresStore
+
+        return await PostgresStore.open(url, dimension=dimension, dedupe_similarity=dedupe_similarity)
+    from proxy.store.sqlite import SqliteStore
+
+    # sqlite:///var/lib/x.db names /var/lib/x.db; a bare path is taken as it is.
+    path = url[len("sqlite://"):] if url.startswith("sqlite://") else url
+    return await SqliteStore.open(path, dimension=dimension, dedupe_similarity=dedupe_similarity)

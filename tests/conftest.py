@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from proxy import config
+from proxy.app import create_app
+from proxy.config import Settings
+from tests.fakeupstream import FakeUpstream
+from tests.servers import running
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[FakeUpstream, str]]:
+    """A fake OpenAI upstream on a real socket; yields it and its base URL (ending in /v1)."""
+    fake = FakeUpstream()
+    with running(fake.app) as url:
+        yield fake, url + "/v1"
+
+
+@pytest.fixture
+def settings_for(tmp_path: Path) -> Callable[..., Settings]:
+    def make(upstream_url: str, **overrides: Any) -> Settings:
+        return config.load(environ={"HOME": str(tmp_path)},
+                           overrides={"upstream": upstream_url, "data_dir": str(tmp_path / "data"), **overrides})
+    return make
+
+
+@pytest.fixture
+def start_proxy() -> Iterator[Callable[..., str]]:
+    """Start a real proxy server for the given settings; returns its base URL. Stopped at the test's end."""
+    with ExitStack() as stack:
+        def start(settings: Settings, **app_options: Any) -> str:
+            return stack.enter_context(running(create_app(settings, **app_options)))
+        yield start
+
+
+@pytest.fixture
+def proxy(upstream: tuple[FakeUpstream, str], settings_for: Callable[..., Settings],
+          start_proxy: Callable[..., str]) -> str:
+    """A proxy in front of the fake upstream, with default settings; its base URL."""
+    return start_proxy(settings_for(upstream[1]))
+
+
+@pytest.fixture
+def client(proxy: str) -> Iterator[openai.OpenAI]:
+    """The official OpenAI SDK pointed at the proxy, as an app would be."""
+    with openai.OpenAI(base_url=proxy + "/v1", api_key="sk-client", max_retries=0) as sdk:
+        yield sdk
