@@ -99,6 +99,15 @@ def test_header_hygiene(proxy: str, upstream: Upstream) -> None:
     assert "x-hop" not in seen
 
 
+def test_proxy_adds_no_headers_of_its_own(proxy: str, upstream: Upstream) -> None:
+    with httpx.Client() as plain:
+        request = plain.build_request("GET", proxy + "/v1/echo")
+        for name in ("accept", "accept-encoding", "user-agent", "connection"):
+            del request.headers[name]
+        seen = plain.send(request).json()["headers"]
+    assert "accept-encoding" not in seen and "user-agent" not in seen and "accept" not in seen
+
+
 def test_upstream_key_replaces_client_key(upstream: Upstream, settings_for: Callable[..., Settings],
                                           start_proxy: Callable[..., str]) -> None:
     url = start_proxy(settings_for(upstream[1], upstream_key="sk-upstream"))
