@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 from starlette.applications import Starlette
@@ -13,35 +13,46 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import chat, config, health
+from proxy import api, chat, config, health
 from proxy.config import Settings
+from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
+from proxy.memories import open_memories
 from proxy.passthrough import passthrough
+from proxy.store import Store
 from proxy.upstream import Upstream
 
 log = logging.getLogger("memory_proxy")
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
-    """Build the proxy. `transport` replaces the network to the upstream (tests use an in-process fake)."""
+def create_app(settings: Settings | None = None, *, store: Store | None = None, embedder: Embedder | None = None,
+               transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """Build the proxy. A given `store` or `embedder` is used instead of the configured one (and left open for
+    its owner to close); `transport` replaces the network to the upstream."""
     settings = settings or config.load()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.parts = {"upstream": False}
+        app.state.parts = {"upstream": False, "model": False, "store": False}
         app.state.upstream = Upstream(settings, transport)
         app.state.parts["upstream"] = True
-        try:
-            yield
-        finally:
-            app.state.parts = {}
-            await app.state.upstream.aclose()
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(app.state.upstream.aclose)
+            app.state.memories = await stack.enter_async_context(open_memories(
+                settings, store=store, embedder=embedder, ready=lambda part: app.state.parts.__setitem__(part, True)))
+            # The first model run is the slow one: take it now, not on a user's request.
+            await app.state.memories.embedder.embed(["warm up"])
+            try:
+                yield
+            finally:
+                app.state.parts = {}
 
     routes = [
         Route("/healthz", health.healthz, methods=["GET", "HEAD"]),
         Route("/readyz", health.readyz, methods=["GET", "HEAD"]),
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+        *api.routes,
         Route("/v1/{path:path}", passthrough, methods=ALL_METHODS),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={

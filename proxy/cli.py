@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
+import orjson
+
 from proxy import __version__, config
+from proxy.api import new_memory, parse_lines
 from proxy.config import Settings
-from proxy.errors import ProxyError
+from proxy.errors import BadRequest, NotFound, ProxyError
+from proxy.memories import open_memories
+from proxy.models import NewMemory, check_user_id
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,12 +36,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML settings file (default $MEMORY_PROXY_CONFIG)")
     serve.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
     serve.set_defaults(run=run_serve)
+
+    memories = commands.add_parser("memories", help="read and change memories in the store directly")
+    verbs = memories.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help)
+        sub.add_argument("--user", required=True, help="the end user whose memories these are")
+        sub.add_argument("--db", help="SQLite path or sqlite:///path, or a postgresql:// URL")
+        sub.add_argument("--config", help="TOML settings file")
+        sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+        sub.set_defaults(run=run_memories)
+        return sub
+
+    listing = verb("list", "newest first")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--history", action="store_true", help="include superseded memories")
+    search = verb("search", "the memories closest in meaning to a text")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5)
+    add = verb("add", "store a memory (a near-duplicate updates the existing one)")
+    add.add_argument("text")
+    add.add_argument("--category", default="fact")
+    add.add_argument("--ttl", type=float, help="seconds until it expires")
+    delete = verb("delete", "remove one memory")
+    delete.add_argument("id")
+    verb("erase", "remove every memory of the user").add_argument("--yes", action="store_true", required=True,
+                                                                  help="yes, erase them all")
+    verb("export", "write every memory of the user as JSON Lines")
+    verb("import", "add memories from JSON Lines (as exported) or a JSON array").add_argument(
+        "file", help="a file, or - for standard input")
     return parser
 
 
 def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None, **extra: Any) -> Settings:
-    flags = {name: getattr(args, name, None) for name in ("host", "port", "upstream", "db", "workers", "log_level")}
-    return config.load(getattr(args, "config", None), environ, {**flags, **extra})
+    names = ("host", "port", "upstream", "db", "workers", "log_level")
+    flags = {name: getattr(args, name, None) for name in names}
+    return config.load(getattr(args, "config", None), environ or getattr(args, "environ", None), {**flags, **extra})
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -53,8 +91,62 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_memories(args: argparse.Namespace) -> int:
+    if args.verb == "import":  # read before the event loop starts: a file read would block it
+        args.data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    return asyncio.run(memories_command(args, settings_from(args)))
+
+
+async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
+    problem = check_user_id(args.user)
+    if problem:
+        raise BadRequest(problem)
+    async with open_memories(settings) as memories:
+        store, user = memories.store, args.user
+        if args.verb == "list":
+            show(args, [m.to_dict() for m in await store.list(user, args.limit, include_history=args.history)])
+        elif args.verb == "search":
+            hits = await memories.recall(user, args.query, k=args.k, min_similarity=-1.0)
+            show(args, [h.to_dict() for h in hits])
+        elif args.verb == "add":
+            show(args, [m.to_dict() for m in await memories.add(
+                user, [NewMemory(args.text, args.category, "cli", args.ttl)])])
+        elif args.verb == "delete":
+            if not await store.forget(user, args.id):
+                raise NotFound(f"no memory {args.id!r} for user {user!r}")
+            show(args, [{"id": args.id, "deleted": True}])
+        elif args.verb == "erase":
+            show(args, [{"user": user, "deleted": await store.erase(user)}])
+        elif args.verb == "export":
+            before = None
+            while page := await store.list(user, 500, before=before, include_history=True):
+                for memory in page:
+                    sys.stdout.write(orjson.dumps(memory.to_dict()).decode() + "\n")
+                before = page[-1].id
+        elif args.verb == "import":
+            items = [new_memory(item, param=f"item {n}") for n, item in enumerate(parse_lines(args.data), start=1)
+                     if not (isinstance(item, dict) and item.get("superseded_by"))]
+            stored = await memories.add(user, [replace(item, source="import") for item in items])
+            show(args, [m.to_dict() for m in stored])
+    return 0
+
+
+def show(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    if args.json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    for row in rows:
+        if "text" in row:
+            score = f"{row['score']:.3f}  " if "score" in row else ""
+            old = "  (superseded)" if row.get("superseded_by") else ""
+            print(f"{row['id']}  {score}[{row['category']}] {row['text']}{old}")
+        else:
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.environ = environ
     try:
         result: int = args.run(args)
         return result

@@ -51,7 +51,7 @@ class Settings:
     embed_cache: int = setting(2048, "Recent query vectors kept in an LRU cache (0 disables it).")
     user_header: str = setting("X-Memory-User", "Request header that names the end user (else the body's `user`).")
     recall_k: int = setting(5, "Most memories injected into one request.")
-    min_similarity: float = setting(0.3, "Least cosine similarity for a memory to be recalled.")
+    min_similarity: float = setting(0.15, "Least cosine similarity for recall (MiniLM scores related facts 0.15-0.5).")
     dedupe_similarity: float = setting(0.9, "Cosine similarity at or above which a new memory updates an old one.")
     recall_budget_ms: float = setting(50.0, "Time allowed for recall; past it the request goes on without memory.")
     inject_max_chars: int = setting(2000, "Most characters of recalled memories injected into one request.")

@@ -66,3 +66,18 @@ class Forget:
 
 
 Operation = NewMemory | Forget
+
+
+MAX_USER_ID = 256
+
+
+def check_user_id(user: str) -> str | None:
+    """Why a user id is unacceptable, or None when it is fine: non-empty, at most 256 characters, and no control
+    characters (they would forge log lines and break headers)."""
+    if not user:
+        return "the user id is empty"
+    if len(user) > MAX_USER_ID:
+        return f"the user id is longer than {MAX_USER_ID} characters"
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in user):
+        return "the user id contains control characters"
+    return None

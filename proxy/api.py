@@ -1,0 +1,228 @@
+"""The management API: /memories/{user}/… (outside /v1, so it can never shadow an OpenAI path)."""
+
+from __future__ import annotations
+
+import hmac
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from proxy.errors import BadRequest, NotFound, Unauthorized
+from proxy.memories import Memories, clean_text
+from proxy.models import Memory, NewMemory, check_user_id
+from proxy.passthrough import read_body
+from proxy.sensitive import secret_kind
+
+Handler = Callable[[Request], Awaitable[Response]]
+MAX_LIST = 1000
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def guarded(handler: Handler) -> Handler:
+    """Require the admin token when one is set; check the user id of every route."""
+    async def guarded_handler(request: Request) -> Response:
+        token: str = request.app.state.settings.admin_token
+        if token:
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+                raise Unauthorized("this endpoint needs the admin token: Authorization: Bearer <admin_token>")
+        problem = check_user_id(request.path_params["user"])
+        if problem:
+            raise BadRequest(problem, param="user", code="invalid_user")
+        return await handler(request)
+    return guarded_handler
+
+
+def memories_of(request: Request) -> tuple[Memories, str]:
+    memories: Memories | None = getattr(request.app.state, "memories", None)
+    if memories is None:
+        raise NotFound("memory is not enabled on this proxy")
+    return memories, request.path_params["user"]
+
+
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise BadRequest(f"'{name}' must be a whole number from {low} to {high}", param=name)
+    return int(raw)
+
+
+async def json_body(request: Request) -> Any:
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def new_memory(item: Any, *, param: str = "text") -> NewMemory:
+    """A NewMemory from `{"text", "category"?, "ttl_seconds"?}`, or a clear 400."""
+    if not isinstance(item, dict):
+        raise BadRequest("each memory must be an object with a 'text'", param=param)
+    text, category, ttl = item.get("text"), item.get("category", "fact"), item.get("ttl_seconds")
+    if not isinstance(text, str) or not text.strip():
+        raise BadRequest("'text' must be a non-empty string", param="text")
+    kind = secret_kind(text)
+    if kind:
+        raise BadRequest(f"'text' looks like it holds a {kind}; secrets are never stored", param="text",
+                         code="secret_refused")
+    if not isinstance(category, str) or not category.strip() or len(category) > 64:
+        raise BadRequest("'category' must be a short string", param="category")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl)
+                            or ttl <= 0):
+        raise BadRequest("'ttl_seconds' must be a positive number", param="ttl_seconds")
+    return NewMemory(text=text, category=clean_text(category, 64).lower(), source="api", ttl_seconds=ttl)
+
+
+@guarded
+async def list_memories(request: Request) -> Response:
+    memories, user = memories_of(request)
+    limit = int_param(request, "limit", 100, 1, MAX_LIST)
+    history = request.query_params.get("include_history", "").lower() in {"1", "true"}
+    page = await memories.store.list(user, limit + 1, before=request.query_params.get("after") or None,
+                                     include_history=history)
+    data = [m.to_dict() for m in page[:limit]]
+    return json_response({"object": "list", "data": data, "has_more": len(page) > limit,
+                          "last_id": data[-1]["id"] if data else None})
+
+
+@guarded
+async def add_memories(request: Request) -> Response:
+    memories, user = memories_of(request)
+    body = await json_body(request)
+    items = [new_memory(item) for item in (body if isinstance(body, list) else [body])]
+    if not items:
+        raise BadRequest("give a memory object or a non-empty array of them")
+    stored = await memories.add(user, items)
+    return json_response({"object": "list", "data": [m.to_dict() for m in stored]}, status=201)
+
+
+@guarded
+async def search_memories(request: Request) -> Response:
+    memories, user = memories_of(request)
+    query = request.query_params.get("q", "")
+    if not query.strip():
+        raise BadRequest("'q' is required: the text to search for", param="q")
+    k = int_param(request, "k", memories.k, 1, 100)
+    hits = await memories.recall(user, query, k=k, min_similarity=-1.0)
+    return json_response({"object": "list", "data": [h.to_dict() for h in hits]})
+
+
+async def _one(request: Request) -> tuple[Memories, str, Memory]:
+    memories, user = memories_of(request)
+    memory = await memories.store.get(user, request.path_params["id"])
+    if memory is None:
+        raise NotFound(f"no memory {request.path_params['id']!r} for this user", param="id")
+    return memories, user, memory
+
+
+@guarded
+async def get_memory(request: Request) -> Response:
+    return json_response((await _one(request))[2].to_dict())
+
+
+@guarded
+async def patch_memory(request: Request) -> Response:
+    memories, user, memory = await _one(request)
+    body = await json_body(request)
+    if not isinstance(body, dict) or not {"text", "category", "ttl_seconds"} & body.keys():
+        raise BadRequest("give at least one of 'text', 'category', 'ttl_seconds'")
+    patch = new_memory({"text": memory.text, "category": memory.category, **body})
+    text = clean_text(patch.text, memories.max_chars) if "text" in body else None
+    vector = (await memories.embedder.embed([text]))[0] if text else None
+    expires_at = time.time() + patch.ttl_seconds if "ttl_seconds" in body and patch.ttl_seconds else None
+    updated = await memories.store.update(user, memory.id, text=text, vector=vector,
+                                          category=patch.category if "category" in body else None,
+                                          expires_at=expires_at)
+    if updated is None:
+        raise NotFound(f"no memory {memory.id!r} for this user", param="id")
+    return json_response(updated.to_dict())
+
+
+@guarded
+async def delete_memory(request: Request) -> Response:
+    memories, user = memories_of(request)
+    deleted = await memories.store.forget(user, request.path_params["id"])
+    if not deleted:
+        raise NotFound(f"no memory {request.path_params['id']!r} for this user", param="id")
+    return json_response({"id": request.path_params["id"], "object": "memory.deleted", "deleted": True})
+
+
+@guarded
+async def erase_user(request: Request) -> Response:
+    memories, user = memories_of(request)
+    return json_response({"object": "user.erased", "user": user, "deleted": await memories.store.erase(user)})
+
+
+@guarded
+async def export_memories(request: Request) -> Response:
+    memories, user = memories_of(request)
+
+    async def lines() -> AsyncIterator[bytes]:
+        before = None
+        while True:
+            page = await memories.store.list(user, 500, before=before, include_history=True)
+            for memory in page:
+                yield orjson.dumps(memory.to_dict()) + b"\n"
+            if len(page) < 500:
+                return
+            before = page[-1].id
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@guarded
+async def import_memories(request: Request) -> Response:
+    """JSON Lines (as exported) or a JSON array; each line's text, category and expiry are added with dedupe,
+    so importing the same file twice changes nothing."""
+    memories, user = memories_of(request)
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    items = []
+    for number, item in enumerate(parse_lines(body), start=1):
+        if isinstance(item, dict) and item.get("superseded_by"):
+            continue  # history stays behind: only what would be recalled comes across
+        items.append(new_memory(item, param=f"item {number}"))
+    stored = await memories.add(user, items) if items else []
+    return json_response({"object": "list", "data": [m.to_dict() for m in stored]}, status=201)
+
+
+def parse_lines(body: bytes) -> list[Any]:
+    """A JSON array, or JSON Lines."""
+    if body.lstrip().startswith(b"["):
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"the body is not a valid JSON array: {exc}", code="invalid_json") from None
+        return list(items)
+    items = []
+    for number, line in enumerate(body.splitlines(), start=1):
+        if line.strip():
+            try:
+                items.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                raise BadRequest(f"line {number} is not valid JSON", code="invalid_json") from None
+    return items
+
+
+routes = [
+    Route("/memories/{user}", list_memories, methods=["GET"]),
+    Route("/memories/{user}", add_memories, methods=["POST"]),
+    Route("/memories/{user}", erase_user, methods=["DELETE"]),
+    Route("/memories/{user}/search", search_memories, methods=["GET"]),
+    Route("/memories/{user}/export", export_memories, methods=["GET"]),
+    Route("/memories/{user}/import", import_memories, methods=["POST"]),
+    Route("/memories/{user}/{id}", get_memory, methods=["GET"]),
+    Route("/memories/{user}/{id}", patch_memory, methods=["PATCH"]),
+    Route("/memories/{user}/{id}", delete_memory, methods=["DELETE"]),
+]

@@ -1,0 +1,145 @@
+"""Recall and remember for one process: the embedder, the store, and the bounded queue of writes that keeps
+remembering off the request path. The chat pipeline, the REST API and the CLI all go through here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from proxy.models import Forget, Hit, Memory, NewMemory, Operation
+from proxy.sensitive import secret_kind
+
+if TYPE_CHECKING:
+    from proxy.config import Settings
+    from proxy.embed import Embedder
+    from proxy.store import Store
+
+log = logging.getLogger("memory_proxy.memories")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_text(text: str, max_chars: int) -> str:
+    """Stored text: no control characters (newlines and tabs folded to spaces), trimmed, capped."""
+    text = CONTROL.sub("", text.replace("\n", " ").replace("\t", " ").replace("\r", " "))
+    return " ".join(text.split())[:max_chars].strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    user: str
+    operations: tuple[Operation, ...]
+
+
+class Memories:
+    def __init__(self, store: Store, embedder: Embedder, *, k: int = 5, min_similarity: float = 0.3,
+                 max_chars: int = 500, queue_size: int = 1000) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.k = k
+        self.min_similarity = min_similarity
+        self.max_chars = max_chars
+        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
+        self.dropped = 0
+        self.failed = 0
+        self._worker: asyncio.Task[None] | None = None
+
+    async def recall(self, user: str, text: str, k: int | None = None,
+                     min_similarity: float | None = None) -> list[Hit]:
+        if not text.strip():
+            return []
+        vector = await self.embedder.embed_one(text)
+        return await self.store.search(user, vector, k or self.k,
+                                       self.min_similarity if min_similarity is None else min_similarity)
+
+    async def add(self, user: str, items: Sequence[NewMemory]) -> list[Memory]:
+        """Write now (the API and CLI path): texts cleaned and capped, embedded, deduplicated by the store."""
+        cleaned = []
+        for item in items:
+            text = clean_text(item.text, self.max_chars)
+            kind = secret_kind(text)
+            if kind:
+                log.warning("not storing a memory that looks like a %s", kind)  # never log the text itself
+            elif text:
+                cleaned.append(replace(item, text=text))
+        if not cleaned:
+            return []
+        vectors = await self.embedder.embed([item.text for item in cleaned])
+        return await self.store.add(user, cleaned, vectors)
+
+    async def apply(self, user: str, operations: Sequence[Operation]) -> None:
+        for op in operations:
+            if isinstance(op, Forget):
+                await self.store.forget(user, op.id)
+        await self.add(user, [op for op in operations if isinstance(op, NewMemory)])
+
+    def remember(self, user: str, operations: Sequence[Operation]) -> bool:
+        """Queue operations to apply off the request path; False (and logged) when the queue is full."""
+        if not operations:
+            return True
+        try:
+            self.queue.put_nowait(Job(user, tuple(operations)))
+            return True
+        except asyncio.QueueFull:
+            self.dropped += 1
+            log.warning("memory write queue is full: dropped %d operation(s) for a user", len(operations))
+            return False
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._work(), name="memory-writer")
+
+    async def _work(self) -> None:
+        while True:
+            job = await self.queue.get()
+            try:
+                await self.apply(job.user, job.operations)
+            except Exception:
+                self.failed += 1
+                log.exception("could not store %d memory operation(s)", len(job.operations))
+            finally:
+                self.queue.task_done()
+
+    async def drain(self, seconds: float = 10.0) -> None:
+        """Wait until every queued write is stored (shutdown, tests)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.queue.join()
+
+    async def stop(self) -> None:
+        """Store what is queued, then stop the writer. The store and embedder stay open for their owner."""
+        await self.drain()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+
+@asynccontextmanager
+async def open_memories(settings: Settings, *, store: Store | None = None, embedder: Embedder | None = None,
+                        ready: Callable[[str], None] = lambda part: None) -> AsyncIterator[Memories]:
+    """Load the model (in a thread) and open the store as the settings say, unless given; close what was opened.
+    `ready(part)` is told as each part comes up. Queued writes are stored before anything closes."""
+    from proxy.embed import load_embedder
+    from proxy.store import open_store
+
+    async with AsyncExitStack() as stack:
+        if embedder is None:
+            embedder = await asyncio.to_thread(load_embedder, settings.model_dir, threads=settings.embed_threads,
+                                               batch_size=settings.embed_batch, cache_size=settings.embed_cache)
+            stack.push_async_callback(embedder.close)
+        ready("model")
+        if store is None:
+            store = await open_store(settings.db, dimension=embedder.dimension,
+                                     dedupe_similarity=settings.dedupe_similarity)
+            stack.push_async_callback(store.close)
+        ready("store")
+        memories = Memories(store, embedder, k=settings.recall_k, min_similarity=settings.min_similarity,
+                            max_chars=settings.memory_max_chars, queue_size=settings.write_queue)
+        memories.start()
+        stack.push_async_callback(memories.stop)
+        yield memories

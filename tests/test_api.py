@@ -1,0 +1,137 @@
+"""The management API on a real server, with the hashing embedder (fast) and a real SQLite store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import orjson
+import pytest
+
+from proxy.config import Settings
+from proxy.embed import HashEmbedder
+from tests.fakeupstream import FakeUpstream
+
+Upstream = tuple[FakeUpstream, str]
+
+
+@pytest.fixture
+def api(upstream: Upstream, settings_for: Callable[..., Settings], start_proxy: Callable[..., str]) -> str:
+    return start_proxy(settings_for(upstream[1]), embedder=HashEmbedder())
+
+
+def add(api: str, user: str, *items: dict[str, object]) -> list[dict[str, object]]:
+    response = httpx.post(f"{api}/memories/{user}", json=list(items))
+    assert response.status_code == 201, response.text
+    data: list[dict[str, object]] = response.json()["data"]
+    return data
+
+
+def test_add_list_get_delete(api: str) -> None:
+    first = add(api, "alice", {"text": "Alice is vegetarian", "category": "preference"})[0]
+    second = add(api, "alice", {"text": "Alice lives in Lisbon"})[0]
+    assert first["category"] == "preference" and second["category"] == "fact" and first["source"] == "api"
+    listed = httpx.get(f"{api}/memories/alice").json()
+    assert [m["id"] for m in listed["data"]] == [second["id"], first["id"]]  # newest first
+    assert listed["has_more"] is False
+    assert httpx.get(f"{api}/memories/alice/{first['id']}").json()["text"] == "Alice is vegetarian"
+    deleted = httpx.delete(f"{api}/memories/alice/{first['id']}")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    missing = httpx.get(f"{api}/memories/alice/{first['id']}")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_single_object_body_and_dedupe(api: str) -> None:
+    one = httpx.post(f"{api}/memories/bob", json={"text": "Bob likes green tea"})
+    assert one.status_code == 201
+    again = add(api, "bob", {"text": "Bob likes green tea."})[0]
+    assert again["id"] == one.json()["data"][0]["id"]
+    assert len(httpx.get(f"{api}/memories/bob").json()["data"]) == 1
+
+
+def test_pagination_with_cursor(api: str) -> None:
+    add(api, "carol", *({"text": f"Carol fact number {i}: {'x' * i} {i * 7919}"} for i in range(7)))
+    seen: list[str] = []
+    after = None
+    while True:
+        params = {"limit": 3, **({"after": after} if after else {})}
+        page = httpx.get(f"{api}/memories/carol", params=params).json()
+        seen += [m["id"] for m in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert len(seen) == 7 == len(set(seen)) and seen == sorted(seen, reverse=True)
+
+
+def test_search_scores_and_isolation(api: str) -> None:
+    add(api, "dan", {"text": "Dan plays the cello in an orchestra"}, {"text": "Dan is allergic to peanuts"})
+    add(api, "eve", {"text": "Eve plays the cello too"})
+    hits = httpx.get(f"{api}/memories/dan/search", params={"q": "which instrument does he play, the cello?",
+                                                            "k": 5}).json()["data"]
+    assert hits[0]["text"] == "Dan plays the cello in an orchestra"
+    assert all(h["user"] == "dan" for h in hits) and hits[0]["score"] >= hits[-1]["score"]
+    assert httpx.get(f"{api}/memories/nobody/search", params={"q": "cello"}).json()["data"] == []
+
+
+def test_patch_changes_text_and_category(api: str) -> None:
+    memory = add(api, "fay", {"text": "Fay lives in Paris"})[0]
+    patched = httpx.patch(f"{api}/memories/fay/{memory['id']}", json={"text": "Fay lives in Rome",
+                                                                      "category": "Context"})
+    assert patched.status_code == 200
+    assert patched.json()["text"] == "Fay lives in Rome" and patched.json()["category"] == "context"
+    top = httpx.get(f"{api}/memories/fay/search", params={"q": "Fay lives in Rome"}).json()["data"][0]
+    assert top["id"] == memory["id"] and top["score"] > 0.99  # the vector was updated with the text
+
+
+def test_ttl_expiry(api: str) -> None:
+    memory = add(api, "gus", {"text": "Gus is on holiday this week", "ttl_seconds": 3600})[0]
+    assert memory["expires_at"] is not None
+
+
+def test_erase_export_import_roundtrip(api: str) -> None:
+    add(api, "hal", {"text": "Hal speaks Portuguese"}, {"text": "Hal has two cats", "category": "fact"})
+    exported = httpx.get(f"{api}/memories/hal/export")
+    assert exported.headers["content-type"].startswith("application/x-ndjson")
+    lines = [orjson.loads(line) for line in exported.content.splitlines()]
+    assert sorted(m["text"] for m in lines) == ["Hal has two cats", "Hal speaks Portuguese"]
+    erased = httpx.delete(f"{api}/memories/hal").json()
+    assert erased["deleted"] == 2 and httpx.get(f"{api}/memories/hal").json()["data"] == []
+    imported = httpx.post(f"{api}/memories/ivy/import", content=exported.content)
+    assert imported.status_code == 201 and len(imported.json()["data"]) == 2
+    again = httpx.post(f"{api}/memories/ivy/import", content=exported.content)  # idempotent: dedupe
+    assert again.status_code == 201 and len(httpx.get(f"{api}/memories/ivy").json()["data"]) == 2
+
+
+@pytest.mark.parametrize(("method", "path", "body", "param"), [
+    ("POST", "/memories/u", b"{nope", None),
+    ("POST", "/memories/u", b'{"text": ""}', "text"),
+    ("POST", "/memories/u", b'{"text": 5}', "text"),
+    ("POST", "/memories/u", b'{"text": "x", "ttl_seconds": -1}', "ttl_seconds"),
+    ("POST", "/memories/u", b'{"text": "x", "category": 7}', "category"),
+    ("POST", "/memories/u", b"[]", None),
+    ("POST", "/memories/u", b'{"text": "my key is sk-proj-abcdefghijklmnopqrstuvwxyz"}', "text"),
+    ("GET", "/memories/u/search", b"", "q"),
+    ("GET", "/memories/u/search?q=x&k=0", b"", "k"),
+    ("GET", "/memories/u?limit=abc", b"", "limit"),
+    ("PATCH", "/memories/u/none", b"{}", "id"),
+    ("POST", "/memories/u/import", b"not json\n", None),
+    ("GET", "/memories/" + "x" * 300, b"", "user"),
+    ("GET", "/memories/a%01b", b"", "user"),
+])
+def test_bad_input_is_a_clear_openai_shaped_error(api: str, method: str, path: str, body: bytes,
+                                                  param: str | None) -> None:
+    response = httpx.request(method, api + path, content=body)
+    assert response.status_code in (400, 404)
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_admin_token_guards_the_api(upstream: Upstream, settings_for: Callable[..., Settings],
+                                    start_proxy: Callable[..., str]) -> None:
+    url = start_proxy(settings_for(upstream[1], admin_token="s3cret"), embedder=HashEmbedder())
+    assert httpx.get(f"{url}/memories/alice").status_code == 401
+    assert httpx.get(f"{url}/memories/alice", headers={"authorization": "Bearer wrong"}).status_code == 401
+    ok = httpx.get(f"{url}/memories/alice", headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert httpx.get(f"{url}/healthz").status_code == 200  # health stays open for orchestrators

@@ -1,0 +1,58 @@
+"""The CLI works on the store directly, with the real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from proxy.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], db: Path, *argv: str) -> tuple[int, str]:
+    code = main([*argv, "--db", str(db)], environ={"HOME": str(db.parent)})
+    return code, capsys.readouterr().out
+
+
+def test_add_list_search_delete_erase(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "m.db"
+    code, out = run(capsys, db, "memories", "add", "--user", "alice", "Alice is vegetarian", "--json")
+    assert code == 0
+    memory = orjson.loads(out)[0]
+    assert memory["text"] == "Alice is vegetarian" and memory["source"] == "cli"
+    run(capsys, db, "memories", "add", "--user", "alice", "Alice works as a nurse in Porto",
+        "--category", "context")
+    run(capsys, db, "memories", "add", "--user", "bob", "Bob is a vegetarian too")
+
+    code, out = run(capsys, db, "memories", "list", "--user", "alice")
+    assert code == 0 and out.index("nurse") < out.index("vegetarian") and "Bob" not in out
+
+    _, out = run(capsys, db, "memories", "search", "--user", "alice", "what food should I cook?", "--json")
+    hits = orjson.loads(out)
+    assert hits[0]["text"] == "Alice is vegetarian" and all(h["user"] == "alice" for h in hits)
+
+    code, _ = run(capsys, db, "memories", "delete", "--user", "alice", memory["id"])
+    assert code == 0
+    code, _ = run(capsys, db, "memories", "delete", "--user", "alice", memory["id"])
+    assert code == 2  # no such memory: a clear message, not a traceback
+    _, out = run(capsys, db, "memories", "erase", "--user", "alice", "--yes", "--json")
+    assert orjson.loads(out) == [{"user": "alice", "deleted": 1}]
+    _, out = run(capsys, db, "memories", "list", "--user", "bob", "--json")
+    assert len(orjson.loads(out)) == 1
+
+
+def test_export_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "m.db"
+    run(capsys, db, "memories", "add", "--user", "u", "Likes jazz")
+    run(capsys, db, "memories", "add", "--user", "u", "Has a dog named Rex")
+    _, exported = run(capsys, db, "memories", "export", "--user", "u")
+    dump = tmp_path / "u.jsonl"
+    dump.write_text(exported)
+    code, out = run(capsys, db, "memories", "import", "--user", "v", str(dump), "--json")
+    assert code == 0 and sorted(m["text"] for m in orjson.loads(out)) == ["Has a dog named Rex", "Likes jazz"]
+
+
+def test_bad_user_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["memories", "list", "--user", "", "--db", str(tmp_path / "m.db")], environ={})
+    assert code == 2 and "empty" in capsys.readouterr().err
