@@ -1,16 +1,79 @@
-"""POST /v1/chat/completions: the memory pipeline, readable top to bottom."""
+"""POST /v1/chat/completions: the memory pipeline, readable top to bottom.
+
+    user      = identify(request)                      no user → forwarded byte for byte, no memory involved
+    hits      = recall(user, last user message)        within a time budget; a fault → answer without memory
+    body      = rewrite(request, hits)                 instruction + memories, earlier turns untouched
+    response  = forward(body)
+    answer    = filter(response)                       the <memory> block never reaches the client
+    remember(blocks)                                   queued once the answer is out, stored off the request path
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import httpx
 import orjson
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+from proxy import extract
 from proxy.errors import BadRequest
+from proxy.memories import Memories, clean_text
+from proxy.models import Forget, Hit, NewMemory, Operation, check_user_id
 from proxy.passthrough import read_body, relay
-from proxy.upstream import Upstream, request_headers
+from proxy.rewrite import last_user_text, rewrite
+from proxy.stream import ChatStreamFilter, filter_completion
+from proxy.upstream import RawHeaders, Upstream, close_quietly, request_headers, response_headers
+
+log = logging.getLogger("memory_proxy.chat")
+# We re-serialise the body and read the answer decoded, so these are ours to set, not the client's.
+REWRITTEN = frozenset({b"content-length", b"accept-encoding"})
+FILTERED = frozenset({b"content-length", b"content-encoding"})
+
+
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state
+    settings = state.settings
+    upstream: Upstream = state.upstream
+    memories: Memories | None = getattr(state, "memories", None)
+    raw = await read_body(request, settings.max_body_bytes)
+    body = parse_request(raw)
+    user = identify(request, body, settings.user_header)
+    query = request.scope["query_string"]
+    if user is None or memories is None:
+        forwarded = await upstream.send("POST", "/chat/completions", query,
+                                        request_headers(request.headers.raw, upstream.key), raw)
+        return relay(forwarded)
+
+    hits, fault = await recall(memories, user, last_user_text(body["messages"]), settings.recall_budget_ms)
+    upstream_body, aliases = rewrite(body, hits, instruction=extract.INSTRUCTION, max_chars=settings.inject_max_chars)
+    headers = request_headers(request.headers.raw, upstream.key, drop=REWRITTEN)
+    headers.append((b"accept-encoding", b"identity"))
+    response = await upstream.send("POST", "/chat/completions", query, headers, orjson.dumps(upstream_body))
+
+    ours = [(b"x-memory-recalled", str(len(aliases)).encode())]
+    if fault:
+        ours.append((b"x-memory-error", fault.encode()))
+    if not 200 <= response.status_code < 300:  # the upstream's errors are the upstream's to say
+        relayed = relay(response)
+        relayed.raw_headers.extend(ours)
+        return relayed
+
+    recalled = [hit for hit in hits if hit.memory.id in aliases.values()]
+
+    def remember(blocks: dict[int, list[str]]) -> None:
+        memories.remember(user, operations(blocks, aliases, recalled, memories.max_chars))
+
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        streamed = StreamingResponse(filtered_stream(response, remember), status_code=response.status_code)
+        streamed.raw_headers = response_headers(response.headers, drop=FILTERED) + ours
+        return streamed
+    return await filtered_answer(response, remember, ours)
 
 
 def parse_request(body: bytes) -> dict[str, Any]:
@@ -25,10 +88,113 @@ def parse_request(body: bytes) -> dict[str, Any]:
     return data
 
 
-async def chat_completions(request: Request) -> StreamingResponse:
-    upstream: Upstream = request.app.state.upstream
-    body = await read_body(request, request.app.state.settings.max_body_bytes)
-    parse_request(body)
-    response = await upstream.send("POST", "/chat/completions", request.scope["query_string"],
-                                   request_headers(request.headers.raw, upstream.key), body)
-    return relay(response)
+def identify(request: Request, body: dict[str, Any], header: str) -> str | None:
+    """The end user: the user header, else the body's `user` field; None when neither names one."""
+    user = request.headers.get(header)
+    param = header
+    if user is None:
+        user, param = body.get("user"), "user"
+        if user is None:
+            return None
+        if not isinstance(user, str):
+            raise BadRequest("'user' must be a string", param="user", code="invalid_type")
+    problem = check_user_id(user)
+    if problem:
+        raise BadRequest(problem, param=param, code="invalid_user")
+    return user
+
+
+async def recall(memories: Memories, user: str, text: str, budget_ms: float) -> tuple[list[Hit], str | None]:
+    """The user's memories for this question, or none and the reason: memory never breaks a chat."""
+    try:
+        async with asyncio.timeout(budget_ms / 1000):
+            return await memories.recall(user, text), None
+    except TimeoutError:
+        log.warning("recall took longer than %.0f ms: answering without memory", budget_ms)
+        return [], "recall-timeout"
+    except Exception:
+        log.exception("recall failed: answering without memory")
+        return [], "recall-failed"
+
+
+async def filtered_stream(response: httpx.Response, remember: Callable[[dict[int, list[str]]], None]
+                          ) -> AsyncIterator[bytes]:
+    """The upstream's SSE with the blocks taken out. Blocks are remembered when the stream ends, however it ends
+    (the client may leave once it has its answer), so the save never waits on, nor delays, the client."""
+    stream = ChatStreamFilter()
+    try:
+        async for chunk in response.aiter_bytes():
+            for event in stream.decode(chunk):
+                yield event
+        for event in stream.flush():
+            yield event
+    except httpx.TransportError as exc:
+        log.warning("the upstream broke off a stream: %s", exc or type(exc).__name__)
+        error = {"message": "the upstream broke off its answer", "type": "upstream_error", "param": None,
+                 "code": "upstream_disconnected"}
+        yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+    finally:
+        await close_quietly(response)
+        remember(stream.blocks)
+
+
+async def filtered_answer(response: httpx.Response, remember: Callable[[dict[int, list[str]]], None],
+                          ours: RawHeaders) -> Response:
+    try:
+        raw = await response.aread()
+    finally:
+        await close_quietly(response)
+    try:
+        body, blocks = filter_completion(orjson.loads(raw))
+    except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
+        # Not the JSON we know: hand it over as it came. Nothing to remember, nothing to hide.
+        blocks, content = {}, raw
+    else:
+        content = orjson.dumps(body)
+    answer = AnswerThenRemember(content, response.status_code, lambda: remember(blocks))
+    answer.raw_headers = [*response_headers(response.headers, drop=FILTERED),
+                          (b"content-length", str(len(content)).encode()), *ours]
+    return answer
+
+
+class AnswerThenRemember(Response):
+    """A complete response that queues its blocks only once it has been sent (or the client has gone)."""
+
+    def __init__(self, content: bytes, status_code: int, after: Callable[[], None]) -> None:
+        super().__init__(content, status_code)
+        self.after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.after()
+
+
+def normalised(text: str) -> str:
+    return " ".join(text.casefold().split()).rstrip(".!")
+
+
+def operations(blocks: dict[int, list[str]], aliases: dict[str, str], recalled: Sequence[Hit],
+               max_chars: int) -> list[Operation]:
+    """What the blocks of every choice ask for, as one deduplicated list: short ids resolved to real ones,
+    facts the model was just shown dropped (no feedback loop), unknown ids ignored."""
+    seen = {normalised(hit.memory.text) for hit in recalled}
+    result: list[Operation] = []
+    forgotten: set[str] = set()
+    for index in sorted(blocks):
+        for block in blocks[index]:
+            for op in extract.parse(block):
+                if isinstance(op, Forget):
+                    real = aliases.get(op.id)
+                    if real and real not in forgotten:
+                        forgotten.add(real)
+                        result.append(Forget(real))
+                    continue
+                key = normalised(clean_text(op.text, max_chars))
+                if not key or key in seen:
+                    continue
+                seen.add(key)
+                result.append(NewMemory(op.text, op.category, "inline", op.ttl_seconds,
+                                        aliases.get(op.replaces) if op.replaces else None))
+    return result

@@ -1,0 +1,184 @@
+"""The `<memory>` contract in one file: what the model is asked to write, the tags that mark it, and the parser.
+
+The model appends, only when the user revealed something new and durable about themselves:
+
+    <memory>
+    [{"text": "User now lives in Porto", "category": "fact", "replaces": "m2"}, {"forget": "m3"}]
+    </memory>
+
+`parse` is tolerant of the shapes models and other tools actually produce, and never raises: a block it cannot
+read is logged and ignored, because a lost memory must never cost the user their answer.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import re
+from typing import Any
+
+import orjson
+
+from proxy.models import Forget, NewMemory, Operation
+
+log = logging.getLogger("memory_proxy.extract")
+
+# Sent on every request: short, and byte-stable so that prompt caches keep hitting.
+INSTRUCTION = (
+    "Memory: only when the user has just revealed something new and lasting about themselves, end your reply "
+    "with a block like\n"
+    '<memory>[{"text": "User is vegetarian", "category": "fact"}]</memory>\n'
+    "Items are short sentences in the user's language; category is preference, fact or context. To correct a "
+    'memory shown as [m2] add "replaces": "m2"; to drop [m3] write {"forget": "m3"}. Never store your own words, '
+    "passwords, keys or other secrets. Nothing new: no block. The user never sees the block; do not mention it."
+)
+
+# Tags: any case, up to TAG_SPACE spaces or tabs around the parts. The bound keeps the streaming hold-back small.
+TAG_SPACE = 4
+_S = f"[ \\t]{{0,{TAG_SPACE}}}"
+OPEN_TAG = re.compile(f"<{_S}memory{_S}>", re.IGNORECASE)
+CLOSE_TAG = re.compile(f"<{_S}/{_S}memory{_S}>", re.IGNORECASE)
+# Text that is not yet an opening tag but could still become one (fullmatch it from a '<').
+OPEN_TAG_START = re.compile(f"<{_S}(?:m(?:e(?:m(?:o(?:r(?:y{_S})?)?)?)?)?)?", re.IGNORECASE)
+OPEN_TAG_MAX = len("<memory>") + 2 * TAG_SPACE
+CLOSE_TAG_MAX = len("</memory>") + 3 * TAG_SPACE
+
+TEXT_KEYS = ("text", "content", "memory", "fact", "value")
+LIST_KEYS = ("memories", "memory", "facts", "items")
+FORGET_ACTIONS = frozenset({"forget", "delete", "remove"})
+MAX_BLOCK = 64 * 1024  # a runaway block is cut here: parsing stays cheap whatever the model wrote
+MAX_STARTS = 32  # most positions tried when looking for JSON inside prose
+
+_FENCE = re.compile(r"```[\w-]*[ \t]*\n?(.*?)```", re.DOTALL)
+_TRAILING_COMMA = re.compile(r",\s*([\]}])")
+_SHORT_ID = re.compile(r"\[?\s*(m?)\s*(\d+)\s*\]?", re.IGNORECASE)
+
+
+def parse(block: str) -> list[Operation]:
+    """The operations a block (the text between the tags) asks for. Invalid items are skipped; an unreadable
+    block gives [] and a warning (never its text: it is about a person)."""
+    try:
+        text = block.strip()[:MAX_BLOCK]
+        if not text:
+            return []
+        found, value = _decode(text)
+        if not found:
+            log.warning("ignoring a <memory> block of %d characters that is not JSON", len(block))
+            return []
+        return [op for item in _items(value) for op in _operations(item)]
+    except Exception:  # the contract is "never raises": a parser bug must not break a chat
+        log.exception("could not parse a <memory> block")
+        return []
+
+
+def _decode(text: str) -> tuple[bool, Any]:
+    """(found, value): strict JSON first, then the cheap repairs, each tried only when the one before failed."""
+    try:
+        return True, orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    fence = _FENCE.search(text)
+    if fence:
+        text = fence.group(1).strip()
+    cleaned = _TRAILING_COMMA.sub(r"\1", text)
+    for candidate in (text, cleaned) if fence else (cleaned,):
+        try:
+            return True, orjson.loads(candidate)
+        except orjson.JSONDecodeError:
+            pass
+    values = _embedded_values(cleaned)
+    if values:
+        return True, values[0] if len(values) == 1 else values
+    return _python_literal(cleaned)
+
+
+def _embedded_values(text: str) -> list[Any]:
+    """JSON values found inside prose, in order: `Here you go: [...]`, or one object per line."""
+    decoder = json.JSONDecoder()
+    values: list[Any] = []
+    position, tries = 0, 0
+    while tries < MAX_STARTS:
+        starts = [i for i in (text.find("[", position), text.find("{", position)) if i >= 0]
+        if not starts:
+            break
+        start = min(starts)
+        tries += 1
+        try:
+            value, position = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            position = start + 1
+            continue
+        if isinstance(value, list | dict):
+            values.append(value)
+    return values
+
+
+def _python_literal(text: str) -> tuple[bool, Any]:
+    """Single-quoted, Python-style output (`[{'text': ...}]`): models write it now and then."""
+    starts = [i for i in (text.find("["), text.find("{")) if i >= 0]
+    end = max(text.rfind("]"), text.rfind("}"))
+    if not starts or end < min(starts):
+        return False, None
+    try:
+        return True, ast.literal_eval(text[min(starts):end + 1])
+    except Exception:  # literal_eval raises many kinds (SyntaxError, ValueError, RecursionError, MemoryError...)
+        return False, None
+
+
+def _items(value: Any, depth: int = 0) -> list[Any]:
+    """The candidate items: a list's entries, a wrapper's list (`{"memories": [...]}`), or the value itself.
+    Nesting is followed a few levels deep only."""
+    if depth > 3:
+        return []
+    if isinstance(value, list):
+        return [item for entry in value
+                for item in (_items(entry, depth + 1) if _is_container(entry) else [entry])]
+    if isinstance(value, dict):
+        for key in LIST_KEYS:
+            inner = value.get(key)
+            if isinstance(inner, list | dict):
+                return _items(inner, depth + 1)
+    return [value]
+
+
+def _is_container(value: Any) -> bool:
+    """A nested list, or an object that holds a list of memories rather than being one."""
+    if isinstance(value, list):
+        return True
+    return isinstance(value, dict) and any(isinstance(value.get(key), list | dict) for key in LIST_KEYS)
+
+
+def _operations(item: Any) -> list[Operation]:
+    if isinstance(item, str):
+        text = item.strip()
+        return [NewMemory(text, "fact", "inline")] if text else []
+    if not isinstance(item, dict):
+        return []
+    if "forget" in item:
+        targets = item["forget"] if isinstance(item["forget"], list) else [item["forget"]]
+        return [Forget(short) for short in map(short_id, targets) if short]
+    action = item.get("action", item.get("event", item.get("op")))
+    if isinstance(action, str) and action.strip().lower() in FORGET_ACTIONS:
+        short = short_id(item.get("id"))
+        return [Forget(short)] if short else []
+    text = next((item[key] for key in TEXT_KEYS if isinstance(item.get(key), str)), "").strip()
+    if not text:
+        return []
+    category = item.get("category", item.get("type"))
+    category = category.strip().lower() if isinstance(category, str) and category.strip() else "fact"
+    return [NewMemory(text, category, "inline", replaces=short_id(item.get("replaces", item.get("updates"))))]
+
+
+def short_id(value: Any) -> str | None:
+    """`m3` from "m3", "M3", "[m3]", "3" or 3 (models copy the label as they see it); other strings stripped."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return f"m{value}" if value >= 0 else None
+    if not isinstance(value, str):
+        return None
+    match = _SHORT_ID.fullmatch(value.strip())
+    if match:
+        return f"m{int(match.group(2))}"
+    return value.strip() or None
