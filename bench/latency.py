@@ -1,81 +1,111 @@
 """Added latency of the proxy over calling the upstream directly, measured side by side in one run.
 
-    python -m bench.latency [--requests 2000]
-
 Each iteration calls the upstream directly, then through the proxy (interleaved, so machine drift hits both
-alike); the figure that matters is the difference of the two distributions at each percentile.
+alike); the figure that matters is the difference of the two distributions at each percentile. Concurrency 1.
 """
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import httpx
+import orjson
 
-from bench.harness import fake_upstream, memory_proxy, ms, percentile, table
+from bench.harness import ms, percentile
+from bench.seed import question
 
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "What is the capital of Portugal?"}]}
+Timing = tuple[float, float]  # (first byte, complete) in seconds
+Call = Callable[[int], Timing]
 
 
-def timed_get(client: httpx.Client, url: str) -> float:
+def chat_body(i: int, memory: bool, stream: bool) -> bytes:
+    text = question(i) if memory else CHAT["messages"][0]["content"]
+    return orjson.dumps({"model": "bench", "messages": [{"role": "user", "content": text}], "stream": stream})
+
+
+def timed(client: httpx.Client, method: str, url: str, body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> Timing:
     start = time.perf_counter()
-    client.get(url).raise_for_status()
-    return time.perf_counter() - start
+    with client.stream(method, url, content=body, headers=headers) as response:
+        first = 0.0
+        for _ in response.iter_raw():
+            first = first or time.perf_counter() - start
+        response.raise_for_status()
+    return first, time.perf_counter() - start
 
 
-def timed_chat(client: httpx.Client, url: str, headers: dict[str, str] | None = None) -> float:
-    start = time.perf_counter()
-    client.post(url, json=CHAT, headers=headers).raise_for_status()
-    return time.perf_counter() - start
+def get(client: httpx.Client, url: str) -> Call:
+    return lambda i: timed(client, "GET", url)
 
 
-def timed_first_byte(client: httpx.Client, url: str, headers: dict[str, str] | None = None) -> float:
-    start = time.perf_counter()
-    with client.stream("POST", url, json={**CHAT, "stream": True}, headers=headers) as response:
-        chunks = response.iter_raw()
-        next(chunks)
-        first = time.perf_counter() - start
-        for _ in chunks:
-            pass
-    return first
+def chat(client: httpx.Client, url: str, *, stream: bool, user: Callable[[int], str] | None = None) -> Call:
+    """POST a chat; with `user`, as that user (the memory path) and with a new question each time."""
+    def call(i: int) -> Timing:
+        headers = {"content-type": "application/json"}
+        if user:
+            headers["x-memory-user"] = user(i)
+        return timed(client, "POST", url, chat_body(i, user is not None, stream), headers)
+    return call
 
 
-def compare(name: str, direct: Callable[[], float], proxied: Callable[[], float], n: int) -> list[object]:
-    for _ in range(min(200, n)):  # warm pools, caches and the JIT-less interpreter's branch predictors alike
-        direct()
-        proxied()
-    a, b = [], []
-    for _ in range(n):
-        a.append(direct())
-        b.append(proxied())
-    row: list[object] = [name]
+@dataclass
+class Samples:
+    direct: list[Timing]
+    proxied: list[Timing]
+
+
+def interleave(direct: Call, proxied: Call, n: int, warmup: int) -> Samples:
+    for i in range(warmup):  # warm pools, caches and the model alike
+        direct(-1 - i)
+        proxied(-1 - i)
+    samples = Samples([], [])
+    for i in range(n):
+        samples.direct.append(direct(i))
+        samples.proxied.append(proxied(i))
+    return samples
+
+
+def row(name: str, direct: Sequence[float], proxied: Sequence[float]) -> list[object]:
+    cells: list[object] = [name]
     for q in (50, 95, 99):
-        row += [ms(percentile(a, q)), ms(percentile(b, q))]
-    row += [ms(percentile(b, 50) - percentile(a, 50)), ms(percentile(b, 95) - percentile(a, 95))]
-    return row
+        cells += [ms(percentile(direct, q)), ms(percentile(proxied, q))]
+    cells += [ms(percentile(proxied, q) - percentile(direct, q)) for q in (50, 95, 99)]
+    return cells
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=2000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as data, fake_upstream() as up, memory_proxy(up, data) as px, \
-            httpx.Client(timeout=30) as client:
-        rows = [
-            compare("pass-through GET /v1/models", lambda: timed_get(client, up + "/models"),
-                    lambda: timed_get(client, px + "/models"), args.requests),
-            compare("chat, no user (non-stream)", lambda: timed_chat(client, up + "/chat/completions"),
-                    lambda: timed_chat(client, px + "/chat/completions"), args.requests),
-            compare("chat, no user (stream first byte)", lambda: timed_first_byte(client, up + "/chat/completions"),
-                    lambda: timed_first_byte(client, px + "/chat/completions"), args.requests),
-        ]
-    print(f"{args.requests} interleaved requests per row, concurrency 1, times in ms\n")
-    print(table(["scenario", "direct p50", "proxy p50", "direct p95", "proxy p95", "direct p99", "proxy p99",
-                 "added p50", "added p95"], rows))
+def rows(name: str, samples: Samples, stream: bool) -> list[list[object]]:
+    complete = row(name + (", full stream" if stream else ""), [t[1] for t in samples.direct],
+                   [t[1] for t in samples.proxied])
+    if not stream:
+        return [complete]
+    first = row(name + ", first byte", [t[0] for t in samples.direct], [t[0] for t in samples.proxied])
+    return [first, complete]
 
 
-if __name__ == "__main__":
-    main()
+HEADER = ["scenario", "direct p50", "proxy p50", "direct p95", "proxy p95", "direct p99", "proxy p99",
+          "added p50", "added p95", "added p99"]
+
+
+def passthrough_rows(client: httpx.Client, upstream: str, proxy: str, n: int) -> list[list[object]]:
+    warm = min(200, n)
+    out = rows("pass-through GET /v1/models", interleave(get(client, upstream + "/models"),
+                                                         get(client, proxy + "/models"), n, warm), False)
+    for stream in (False, True):
+        samples = interleave(chat(client, upstream + "/chat/completions", stream=stream),
+                             chat(client, proxy + "/chat/completions", stream=stream), n, warm)
+        out += rows("chat, no user" + (" (stream)" if stream else ""), samples, stream)
+    return out
+
+
+def memory_rows(client: httpx.Client, upstream: str, proxy: str, n: int, label: str,
+                user: Callable[[int], str]) -> list[list[object]]:
+    """The memory path: recall (a new question each time, so no cache helps), inject, forward, filter, store."""
+    out = []
+    for stream in (False, True):
+        samples = interleave(chat(client, upstream + "/chat/completions", stream=stream, user=user),
+                             chat(client, proxy + "/chat/completions", stream=stream, user=user), n, min(50, n))
+        out += rows(f"memory, {label}" + (" (stream)" if stream else ""), samples, stream)
+    return out
