@@ -23,8 +23,9 @@ from starlette.types import Receive, Scope, Send
 
 from proxy import extract
 from proxy.errors import BadRequest
+from proxy.identity import identify
 from proxy.memories import Memories, clean_text
-from proxy.models import Forget, Hit, NewMemory, Operation, check_user_id
+from proxy.models import Forget, Hit, NewMemory, Operation
 from proxy.passthrough import read_body, relay
 from proxy.rewrite import last_user_text, rewrite
 from proxy.stream import ChatStreamFilter, filter_completion
@@ -86,22 +87,6 @@ def parse_request(body: bytes) -> dict[str, Any]:
     if not isinstance(data.get("messages"), list):
         raise BadRequest("'messages' must be an array of message objects", param="messages", code="invalid_type")
     return data
-
-
-def identify(request: Request, body: dict[str, Any], header: str) -> str | None:
-    """The end user: the user header, else the body's `user` field; None when neither names one."""
-    user = request.headers.get(header)
-    param = header
-    if user is None:
-        user, param = body.get("user"), "user"
-        if user is None:
-            return None
-        if not isinstance(user, str):
-            raise BadRequest("'user' must be a string", param="user", code="invalid_type")
-    problem = check_user_id(user)
-    if problem:
-        raise BadRequest(problem, param=param, code="invalid_user")
-    return user
 
 
 async def recall(memories: Memories, user: str, text: str, budget_ms: float) -> tuple[list[Hit], str | None]:
