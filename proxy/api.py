@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from proxy.errors import BadRequest, NotFound, Unauthorized
+from proxy.auth import namespaced
+from proxy.errors import BadRequest, NotFound
 from proxy.memories import Memories, clean_text
 from proxy.models import Memory, NewMemory, check_user_id
 from proxy.passthrough import read_body
@@ -28,25 +28,24 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 def guarded(handler: Handler) -> Handler:
-    """Require the admin token when one is set; check the user id of every route."""
+    """Require the admin token or a proxy key when either is configured (proxy/auth.py); check the user id of
+    every route and put it in the caller's tenant namespace (`request.state.user`)."""
     async def guarded_handler(request: Request) -> Response:
-        token: str = request.app.state.settings.admin_token
-        if token:
-            sent = request.headers.get("authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-                raise Unauthorized("this endpoint needs the admin token: Authorization: Bearer <admin_token>")
+        tenant = request.app.state.gate.manager(request)
         problem = check_user_id(request.path_params["user"])
         if problem:
             raise BadRequest(problem, param="user", code="invalid_user")
+        request.state.user = namespaced(tenant, request.path_params["user"])
         return await handler(request)
     return guarded_handler
 
 
 def memories_of(request: Request) -> tuple[Memories, str]:
+    """The memory service and the store's id of the route's user."""
     memories: Memories | None = getattr(request.app.state, "memories", None)
     if memories is None:
         raise NotFound("memory is not enabled on this proxy")
-    return memories, request.path_params["user"]
+    return memories, request.state.user
 
 
 def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -66,13 +65,17 @@ async def json_body(request: Request) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def new_memory(item: Any, *, param: str = "text") -> NewMemory:
-    """A NewMemory from `{"text", "category"?, "ttl_seconds"?}`, or a clear 400."""
+def new_memory(item: Any, *, param: str = "text", max_chars: int | None = None) -> NewMemory:
+    """A NewMemory from `{"text", "category"?, "ttl_seconds"?}`, or a clear 400 (a text over `max_chars` is
+    refused rather than cut: the caller sent it on purpose and should know)."""
     if not isinstance(item, dict):
         raise BadRequest("each memory must be an object with a 'text'", param=param)
     text, category, ttl = item.get("text"), item.get("category", "fact"), item.get("ttl_seconds")
     if not isinstance(text, str) or not text.strip():
         raise BadRequest("'text' must be a non-empty string", param="text")
+    if max_chars is not None and len(text) > max_chars:
+        raise BadRequest(f"'text' is {len(text)} characters long, over the limit of {max_chars}", param="text",
+                         code="text_too_long")
     kind = secret_kind(text)
     if kind:
         raise BadRequest(f"'text' looks like it holds a {kind}; secrets are never stored", param="text",
@@ -101,7 +104,7 @@ async def list_memories(request: Request) -> Response:
 async def add_memories(request: Request) -> Response:
     memories, user = memories_of(request)
     body = await json_body(request)
-    items = [new_memory(item) for item in (body if isinstance(body, list) else [body])]
+    items = [new_memory(item, max_chars=memories.max_chars) for item in (body if isinstance(body, list) else [body])]
     if not items:
         raise BadRequest("give a memory object or a non-empty array of them")
     stored = await memories.add(user, items)
@@ -138,7 +141,7 @@ async def patch_memory(request: Request) -> Response:
     body = await json_body(request)
     if not isinstance(body, dict) or not {"text", "category", "ttl_seconds"} & body.keys():
         raise BadRequest("give at least one of 'text', 'category', 'ttl_seconds'")
-    patch = new_memory({"text": memory.text, "category": memory.category, **body})
+    patch = new_memory({"text": memory.text, "category": memory.category, **body}, max_chars=memories.max_chars)
     text = clean_text(patch.text, memories.max_chars) if "text" in body else None
     vector = (await memories.embedder.embed([text]))[0] if text else None
     expires_at = time.time() + patch.ttl_seconds if "ttl_seconds" in body and patch.ttl_seconds else None
@@ -162,7 +165,8 @@ async def delete_memory(request: Request) -> Response:
 @guarded
 async def erase_user(request: Request) -> Response:
     memories, user = memories_of(request)
-    return json_response({"object": "user.erased", "user": user, "deleted": await memories.store.erase(user)})
+    deleted = await memories.store.erase(user)
+    return json_response({"object": "user.erased", "user": request.path_params["user"], "deleted": deleted})
 
 
 @guarded
@@ -192,7 +196,7 @@ async def import_memories(request: Request) -> Response:
     for number, item in enumerate(parse_lines(body), start=1):
         if isinstance(item, dict) and item.get("superseded_by"):
             continue  # history stays behind: only what would be recalled comes across
-        items.append(new_memory(item, param=f"item {number}"))
+        items.append(new_memory(item, param=f"item {number}", max_chars=memories.max_chars))
     stored = await memories.add(user, items) if items else []
     return json_response({"object": "list", "data": [m.to_dict() for m in stored]}, status=201)
 

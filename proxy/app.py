@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy import api, chat, config, health
+from proxy.auth import Gate
 from proxy.config import Settings
 from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
@@ -31,10 +32,14 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     """Build the proxy. A given `store` or `embedder` is used instead of the configured one (and left open for
     its owner to close); `transport` replaces the network to the upstream."""
     settings = settings or config.load()
+    gate = Gate.from_settings(settings)  # a bad proxy_keys setting stops the start, not the first request
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.parts = {"upstream": False, "model": False, "store": False}
+        if gate.open:
+            log.warning("no admin_token or proxy_keys set: anyone who can reach this proxy can read and change "
+                        "every user's memories through /memories; keep it on 127.0.0.1 or set one")
         app.state.upstream = Upstream(settings, transport)
         app.state.parts["upstream"] = True
         async with AsyncExitStack() as stack:
@@ -59,6 +64,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected_error,
     })
     app.state.settings = settings
+    app.state.gate = gate
     return app
 
 

@@ -42,9 +42,10 @@ async def chat_completions(request: Request) -> Response:
     settings = state.settings
     upstream: Upstream = state.upstream
     memories: Memories | None = getattr(state, "memories", None)
+    tenant = state.gate.client(request)
     raw = await read_body(request, settings.max_body_bytes)
-    body = parse_request(raw)
-    user = identify(request, body, settings.user_header)
+    body = parse_request(raw, settings.max_messages)
+    user = identify(request, body, settings.user_header, state.gate, tenant)
     query = request.scope["query_string"]
     if user is None or memories is None:
         forwarded = await upstream.send("POST", "/chat/completions", query,
@@ -77,7 +78,7 @@ async def chat_completions(request: Request) -> Response:
     return await filtered_answer(response, remember, ours)
 
 
-def parse_request(body: bytes) -> dict[str, Any]:
+def parse_request(body: bytes, max_messages: int) -> dict[str, Any]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -86,6 +87,9 @@ def parse_request(body: bytes) -> dict[str, Any]:
         raise BadRequest("the request body must be a JSON object", code="invalid_type")
     if not isinstance(data.get("messages"), list):
         raise BadRequest("'messages' must be an array of message objects", param="messages", code="invalid_type")
+    if len(data["messages"]) > max_messages:
+        raise BadRequest(f"'messages' holds {len(data['messages'])} messages, over the limit of {max_messages}",
+                         param="messages", code="too_many_messages")
     return data
 
 

@@ -58,6 +58,11 @@ class Settings:
     memory_max_chars: int = setting(500, "Longest memory text stored; longer texts are cut.")
     write_queue: int = setting(1000, "Pending memory writes held off the request path before new ones are dropped.")
     admin_token: str = setting("", "If set, `/memories` and `/sessions` require `Authorization: Bearer <token>`.")
+    proxy_keys: str = setting("", "`tenant:key,...`: clients must send a proxy key (memory is kept per tenant "
+                                  "+ user); needs upstream_key.")
+    user_signing_secret: str = setting("", "If set, the user header counts only with a valid "
+                                           "`X-Memory-User-Signature` (hex HMAC-SHA256 of the user id).")
+    max_messages: int = setting(2048, "Most messages accepted in one chat request (400 above it).")
 
     @property
     def upstream_base(self) -> str:
@@ -160,7 +165,7 @@ def _validate(s: Settings) -> None:
     if not s.upstream.startswith(("http://", "https://")):
         raise ConfigError(f"upstream must be an http:// or https:// URL, got {s.upstream!r}")
     positive = ["port", "workers", "max_connections", "embed_threads", "embed_batch", "recall_k",
-                "max_body_bytes", "write_queue", "memory_max_chars"]
+                "max_body_bytes", "write_queue", "memory_max_chars", "max_messages"]
     for name in positive:
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")

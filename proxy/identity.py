@@ -1,7 +1,8 @@
 """Who the end user of a chat request is.
 
 The user comes from the user header (default `X-Memory-User`), else the body's `user` field. The id is what the
-store files memories under, so it is validated here, once, before anything else sees it.
+store files memories under, so it is validated here, once, before anything else sees it, and put in the
+caller's tenant namespace (proxy/auth.py).
 """
 
 from __future__ import annotations
@@ -10,15 +11,19 @@ from typing import Any
 
 from starlette.requests import Request
 
-from proxy.errors import BadRequest
+from proxy.auth import Gate, namespaced
+from proxy.errors import BadRequest, Unauthorized
 from proxy.models import check_user_id
 
 
-def identify(request: Request, body: dict[str, Any], header: str) -> str | None:
-    """The end user: the user header, else the body's `user` field; None when neither names one."""
+def identify(request: Request, body: dict[str, Any], header: str, gate: Gate, tenant: str | None) -> str | None:
+    """The store's id of the end user: the user header, else the body's `user` field (unless users must be
+    signed), within the caller's tenant; None when no one is named."""
     user = request.headers.get(header)
     param = header
     if user is None:
+        if gate.signing_secret:
+            return None  # an end user can write anything in `user`: only the gateway's signed header counts
         user, param = body.get("user"), "user"
         if user is None:
             return None
@@ -27,4 +32,6 @@ def identify(request: Request, body: dict[str, Any], header: str) -> str | None:
     problem = check_user_id(user)
     if problem:
         raise BadRequest(problem, param=param, code="invalid_user")
-    return user
+    if not gate.signed(request, user):
+        raise Unauthorized(f"{header} needs a valid X-Memory-User-Signature", code="invalid_signature")
+    return namespaced(tenant, user)

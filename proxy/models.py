@@ -7,6 +7,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# Between tenant and user in the store's user id; a control character, so no valid id can contain it.
+TENANT_SEPARATOR = "\x1f"
+
 
 def new_id() -> str:
     """A 20-hex-digit id that sorts by creation time (ms), then at random.
@@ -30,7 +33,8 @@ class Memory:
     superseded_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As the API shows it: the user without the tenant namespace the store files it under."""
+        return {**asdict(self), "user": self.user.rpartition(TENANT_SEPARATOR)[2]}
 
     @property
     def active(self) -> bool:

@@ -54,6 +54,7 @@ async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
 
 
 async def passthrough(request: Request) -> StreamingResponse:
+    request.app.state.gate.client(request)  # with proxy keys on, nobody spends the upstream key without one
     upstream: Upstream = request.app.state.upstream
     limit: int = request.app.state.settings.max_body_bytes
     length = declared_length(request, limit)

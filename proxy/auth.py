@@ -1,0 +1,124 @@
+"""Who may call the proxy, and whose memories a call may reach.
+
+Three independent locks, each off until configured:
+
+- Proxy keys (`proxy_keys = "tenant:key,..."`): every /v1 call must carry one as `Authorization: Bearer <key>`;
+  the proxy sends its own `upstream_key` upstream instead. Memory is namespaced by tenant + user, so a tenant's
+  key reaches only its own users whatever `X-Memory-User` says: the store sees `tenant<US>user`, and user ids
+  can never hold the separator (control characters are refused).
+- The admin token (`admin_token`): the management API answers a caller holding it, or a proxy key (scoped to
+  that key's tenant); with either configured, nobody else.
+- Signed users (`user_signing_secret`): the user header counts only with `X-Memory-User-Signature:
+  <hex HMAC-SHA256 of the user id>`, for apps behind a gateway that vouches for its users; the body's `user`
+  field then names no one (an end user could put anything there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from proxy.config import Settings
+from proxy.errors import ConfigError, Unauthorized
+from proxy.models import TENANT_SEPARATOR, check_user_id
+
+SIGNATURE_HEADER = "x-memory-user-signature"
+TENANT_HEADER = "x-memory-tenant"
+
+
+def parse_proxy_keys(spec: str) -> dict[bytes, str]:
+    """`tenant:key,tenant:key` → {sha256(key): tenant}. Hashing first makes the lookup independent of how much of
+    a guessed key is right (no timing oracle) and keeps no key in memory longer than needed."""
+    keys: dict[bytes, str] = {}
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        tenant, sep, key = entry.partition(":")
+        tenant, key = tenant.strip(), key.strip()
+        if not sep or not tenant or not key:
+            raise ConfigError(f"proxy_keys entries look like tenant:key, not {entry[:12]!r}...")
+        if check_user_id(tenant):
+            raise ConfigError(f"proxy_keys: tenant {tenant[:40]!r} is not a valid name")
+        if len(key) < 16:
+            raise ConfigError(f"proxy_keys: the key of tenant {tenant!r} is shorter than 16 characters")
+        digest = hashlib.sha256(key.encode()).digest()
+        if digest in keys:
+            raise ConfigError("proxy_keys: the same key is given twice")
+        keys[digest] = tenant
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """The configured locks, parsed once at start."""
+
+    keys: dict[bytes, str]
+    admin_token: str
+    signing_secret: bytes
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Gate:
+        keys = parse_proxy_keys(settings.proxy_keys)
+        if keys and not settings.upstream_key:
+            raise ConfigError("proxy_keys needs upstream_key: clients then send proxy keys, never the upstream's")
+        return cls(keys, settings.admin_token, settings.user_signing_secret.encode())
+
+    @property
+    def open(self) -> bool:
+        """Anyone who can reach the proxy can read memories."""
+        return not self.keys and not self.admin_token
+
+    def tenant_of_key(self, request: Request) -> str | None:
+        """The tenant whose proxy key the request carries, or None when it carries none we know."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        return self.keys.get(hashlib.sha256(token.strip().encode()).digest())
+
+    def client(self, request: Request) -> str | None:
+        """For /v1 calls: the caller's tenant (None when proxy keys are off); 401 without a valid key."""
+        if not self.keys:
+            return None
+        tenant = self.tenant_of_key(request)
+        if tenant is None:
+            raise Unauthorized("this proxy needs a proxy key: Authorization: Bearer <proxy key>",
+                               code="invalid_api_key")
+        return tenant
+
+    def manager(self, request: Request) -> str | None:
+        """For the management API: the tenant whose users the caller may manage (None: the un-namespaced store).
+        The admin token reaches any tenant, named by `X-Memory-Tenant`; a proxy key only its own."""
+        if self.admin_token:
+            sent = request.headers.get("authorization", "")
+            if hmac.compare_digest(sent.encode(), f"Bearer {self.admin_token}".encode()):
+                tenant = request.headers.get(TENANT_HEADER)
+                if tenant is not None and check_user_id(tenant):
+                    raise Unauthorized("X-Memory-Tenant is not a valid tenant name")
+                return tenant or None
+        if self.keys:
+            tenant = self.tenant_of_key(request)
+            if tenant is not None:
+                return tenant
+        if self.open:
+            return None
+        raise Unauthorized("this endpoint needs the admin token (Authorization: Bearer <admin_token>)"
+                           + (" or a proxy key" if self.keys else ""))
+
+    def signed(self, request: Request, user: str) -> bool:
+        """Whether the user header's signature is right (always, when signing is off)."""
+        if not self.signing_secret:
+            return True
+        sent = request.headers.get(SIGNATURE_HEADER, "").strip().lower().removeprefix("sha256=")
+        expected = hmac.new(self.signing_secret, user.encode(), hashlib.sha256).hexdigest()
+        return hmac.compare_digest(sent.encode(), expected.encode())
+
+
+def namespaced(tenant: str | None, user: str) -> str:
+    """The id the store files a user's memories under."""
+    return user if tenant is None else f"{tenant}{TENANT_SEPARATOR}{user}"
+
+
+def sign(secret: str, user: str) -> str:
+    """The signature a gateway sends with a user header (for clients and tests)."""
+    return hmac.new(secret.encode(), user.encode(), hashlib.sha256).hexdigest()
