@@ -431,3 +431,36 @@ async def test_sqlite_close_stops_the_threads(tmp_path: Path) -> None:
     reopened = await open_sqlite(tmp_path / "m.db")
     assert await reopened.count() == 5
     await reopened.close()
+
+
+async def test_sqlite_own_writes_keep_the_cache_warm_and_exact(tmp_path: Path) -> None:
+    """A write edits the cached vectors instead of dropping them, so the next recall loads nothing; what it
+    answers must equal a cold load from disk, through adds, dedupe, replacement and expiry."""
+    store = await open_sqlite(tmp_path / "m.db")
+    cold = await open_sqlite(tmp_path / "m.db")
+    loads = 0
+    original_load = store.load
+
+    def counting_load(*args: Any) -> Any:
+        nonlocal loads
+        loads += 1
+        return original_load(*args)
+
+    store.load = counting_load  # type: ignore[method-assign]
+    try:
+        first = await add_one(store, "alice", "likes tea", toward(1, 0.5))
+        await store.search("alice", QUERY, k=5)
+        after_first = loads
+        twin = await add_one(store, "alice", "likes tea a lot", near(toward(1, 0.5), 0.95, 3))
+        assert twin == first  # deduplicated against the cached vectors
+        second = await add_one(store, "alice", "likes coffee", toward(2, 0.9))
+        third = await add_one(store, "alice", "drinks coffee now", toward(4, 0.8), replaces=second)
+        await add_one(store, "alice", "is in Rome this week", toward(5, 0.7), ttl_seconds=0.05)
+        await asyncio.sleep(0.1)
+        warm = [(h.memory.id, round(h.score, 5)) for h in await store.search("alice", QUERY, k=10)]
+        assert loads == after_first  # no reload after the store's own writes
+        assert warm == [(h.memory.id, round(h.score, 5)) for h in await cold.search("alice", QUERY, k=10)]
+        assert [memory_id for memory_id, _ in warm] == [third, first]
+    finally:
+        await store.close()
+        await cold.close()

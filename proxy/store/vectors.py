@@ -1,0 +1,205 @@
+"""Users' vectors held in memory for exact per-user search, and their upkeep as writes land.
+
+A search scores one user's matrix in numpy (0.3 ms for 10k x 384), far faster than any SQL over the rows. The
+cache is keyed by the user's generation (a random number every write changes in the same transaction), so an
+entry can never answer for a state it did not see. A write in this process does not throw the user's entry away:
+it edits a `Draft` of it (which also answers the dedupe question without SQL) and stores the result under the
+new generation, so recall right after a write stays warm. Writes by other processes still just invalidate.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+TIE = 1e-4  # scores this close count as equal: the most recently updated memory (then the newest id) wins
+
+
+Floats = Sequence[float] | npt.NDArray[np.float64]
+Ids = Sequence[str] | npt.NDArray[np.str_]
+
+
+def rank(scores: npt.NDArray[np.floating[Any]], updated: Floats, ids: Ids, k: int,
+         min_score: float) -> list[tuple[int, float]]:
+    """(row, score) of the top k rows at or above min_score (-inf: not eligible), best first, near-equal scores
+    newest first."""
+    floor = max(min_score, -2.0)  # cosine >= -1; -inf marks expired rows
+    if scores.size > k:  # only rows within TIE of the k-th best can still make the top k
+        floor = max(floor, float(np.partition(scores, scores.size - k)[scores.size - k]) - TIE)
+    ordered = sorted(np.flatnonzero(scores >= floor).tolist(), key=lambda row: -scores[row])
+    ranked: list[int] = []
+    while ordered and len(ranked) < k:
+        head = scores[ordered[0]]
+        size = next((n for n, row in enumerate(ordered) if head - scores[row] > TIE), len(ordered))
+        ranked += sorted(ordered[:size], key=lambda row: (updated[row], ids[row]), reverse=True)
+        ordered = ordered[size:]
+    return [(row, float(scores[row])) for row in ranked[:k]]
+
+
+@dataclass(eq=False, slots=True)
+class Rows:
+    """A matrix with room to grow. Entries share it as views of its first rows; the writer appends past the last
+    row any entry can see, so readers scoring an older view are never disturbed and an append copies nothing."""
+
+    array: npt.NDArray[np.float32]
+    filled: int
+
+    def append(self, seen: int, fresh: npt.NDArray[np.float32]) -> npt.NDArray[np.float32] | None:
+        """The view of `seen` + fresh rows, or None when someone else already wrote past `seen` or it is full."""
+        if seen != self.filled or seen + len(fresh) > len(self.array):
+            return None
+        self.array[seen:seen + len(fresh)] = fresh
+        self.filled = seen + len(fresh)
+        return self.array[:self.filled]
+
+    @classmethod
+    def holding(cls, *parts: npt.NDArray[np.float32]) -> Rows:
+        total, width = sum(len(p) for p in parts), parts[0].shape[1]
+        array = np.empty((max(64, total + total // 2), width), dtype=np.float32)  # 50% headroom
+        np.concatenate(parts, out=array[:total])
+        return cls(array, total)
+
+
+@dataclass(frozen=True, slots=True)
+class UserVectors:
+    """One user's active vectors as of `generation`; matrix None: too many to cache, so scored in SQL."""
+
+    generation: int
+    ids: npt.NDArray[np.str_] = field(default_factory=lambda: np.zeros(0, dtype="U20"))
+    updated: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    expires: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    matrix: npt.NDArray[np.float32] | None = None
+    earliest_expiry: float = np.inf
+    rows: Rows | None = None  # what `matrix` is a view of, when it may grow in place
+
+    def scores(self, query: npt.NDArray[np.float32], now: float) -> npt.NDArray[np.float32]:
+        assert self.matrix is not None
+        scores = row_dots(self.matrix, query)
+        if self.earliest_expiry <= now:
+            scores[self.expires <= now] = -np.inf
+        return scores
+
+    @property
+    def nbytes(self) -> int:
+        if self.matrix is None:
+            return 128
+        held = self.rows.array.nbytes if self.rows is not None else self.matrix.nbytes
+        return 128 + held + self.expires.nbytes + self.updated.nbytes + self.ids.nbytes
+
+
+class VectorCache:
+    """Users' vectors in LRU order, at most max_bytes in all; shared by the reader threads."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, UserVectors] = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, user: str, generation: int) -> UserVectors | None:
+        with self.lock:
+            entry = self.entries.get(user)
+            if entry is None or entry.generation != generation:
+                return None
+            self.entries.move_to_end(user)
+            return entry
+
+    def put(self, user: str, entry: UserVectors) -> None:
+        with self.lock:
+            self.discard_locked(user)
+            if entry.nbytes > self.max_bytes:
+                return
+            self.entries[user] = entry
+            self.size += entry.nbytes
+            while self.size > self.max_bytes:
+                self.size -= self.entries.popitem(last=False)[1].nbytes
+
+    def discard(self, user: str) -> None:
+        with self.lock:
+            self.discard_locked(user)
+
+    def discard_locked(self, user: str) -> None:
+        old = self.entries.pop(user, None)
+        if old is not None:
+            self.size -= old.nbytes
+
+
+def row_dots(matrix: npt.NDArray[np.float32], query: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """matrix @ query, on this thread. np.vecdot (numpy >= 2) runs one BLAS dot per row: 0.3 ms for 10k x 384,
+    p95 0.4 ms. matmul would hand the work to OpenBLAS's thread pool, which on a 2-core box fights the event loop
+    and the embedder for the cores: 0.12 ms p50 but 8 ms p95 (measured). einsum (no BLAS) is the fallback."""
+    if hasattr(np, "vecdot"):
+        dots: npt.NDArray[np.float32] = np.vecdot(matrix, query)
+    else:
+        dots = np.einsum("ij,j->i", matrix, query)
+    return dots
+
+
+def unit(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
+    return (matrix / np.where(norms == 0, 1, norms)).astype(np.float32, copy=False)
+
+
+class Draft:
+    """A cached user's vectors as one write transaction changes them (used in the writer thread only).
+    Vectorised throughout: a write to a user with 10k memories must not hold the GIL for milliseconds."""
+
+    def __init__(self, base: UserVectors) -> None:
+        assert base.matrix is not None
+        self.base = base
+        self.gone: set[str] = set()  # base rows removed or rewritten
+        self.added: dict[str, tuple[float, float, npt.NDArray[np.float32]]] = {}  # id -> (updated, expires, unit)
+
+    def kept(self) -> npt.NDArray[np.bool_]:
+        if not self.gone:
+            return np.ones(len(self.base.ids), dtype=bool)
+        return ~np.isin(self.base.ids, np.array(sorted(self.gone)))
+
+    def twin(self, vector: npt.NDArray[np.float32], now: float, exclude: str | None, threshold: float) -> str | None:
+        """The closest active memory at or above `threshold` cosine, as the SQL dedupe would find it."""
+        best_id, best = None, -2.0
+        if len(self.base.ids):
+            scores = self.base.scores(vector, now)
+            mask = self.kept() if exclude is None else self.kept() & (self.base.ids != exclude)
+            scores[~mask] = -np.inf
+            row = int(np.argmax(scores))
+            best_id, best = str(self.base.ids[row]), float(scores[row])
+        for memory_id, (_, expires, added) in self.added.items():
+            score = float(added @ vector)
+            if memory_id != exclude and expires > now and score > best:
+                best_id, best = memory_id, score
+        return best_id if best >= threshold else None
+
+    def put(self, memory_id: str, updated: float, expires: float | None, vector: npt.NDArray[np.float32]) -> None:
+        self.drop_from_base(memory_id)
+        self.added[memory_id] = (updated, np.inf if expires is None else expires, vector)
+
+    def remove(self, memory_id: str) -> None:
+        self.drop_from_base(memory_id)
+        self.added.pop(memory_id, None)
+
+    def drop_from_base(self, memory_id: str) -> None:
+        # Only a base row that goes away forces a copy in build(); a brand-new id is appended in place.
+        if memory_id not in self.gone and bool(np.any(self.base.ids == memory_id)):
+            self.gone.add(memory_id)
+
+    def build(self, generation: int) -> UserVectors:
+        assert self.base.matrix is not None
+        keep = self.kept()
+        added = list(self.added.values())
+        ids = np.concatenate([self.base.ids[keep], np.array(list(self.added), dtype=str)])
+        updated = np.concatenate([self.base.updated[keep], np.array([u for u, _, _ in added], dtype=np.float64)])
+        expires = np.concatenate([self.base.expires[keep], np.array([e for _, e, _ in added], dtype=np.float64)])
+        fresh = np.array([v for _, _, v in added], dtype=np.float32).reshape(len(added), self.base.matrix.shape[1])
+        rows = self.base.rows
+        matrix = None if self.gone or rows is None else rows.append(len(self.base.ids), fresh)
+        if matrix is None:  # rows removed or rewritten, or no room: copy once into a new, roomier matrix
+            rows = Rows.holding(self.base.matrix[keep], fresh)
+            matrix = rows.array[:rows.filled]
+        return UserVectors(generation, ids, updated, expires, matrix, float(expires.min(initial=np.inf)), rows)

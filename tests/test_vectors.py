@@ -1,0 +1,77 @@
+"""The in-memory vector upkeep of the SQLite store: drafts must equal a rebuild from scratch, and views that
+readers already hold must never change under them."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from proxy.store.vectors import Draft, UserVectors
+
+DIM = 8
+
+
+def units(count: int, seed: int) -> npt.NDArray[np.float32]:
+    matrix = np.random.default_rng(seed).standard_normal((count, DIM)).astype(np.float32)
+    result: npt.NDArray[np.float32] = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    return result
+
+
+def entry(count: int) -> UserVectors:
+    return UserVectors(1, np.array([f"{i:020x}" for i in range(count)]), np.arange(count, dtype=np.float64),
+                       np.full(count, np.inf), units(count, 1))
+
+
+def test_appends_grow_in_place_without_touching_older_views() -> None:
+    base = entry(5)
+    fresh = units(3, 2)
+    first = Draft(base)
+    first.put("a", 10.0, None, fresh[0])
+    one = first.build(2)
+    snapshot = one.matrix.copy() if one.matrix is not None else None
+    second = Draft(one)
+    second.put("b", 11.0, None, fresh[1])
+    two = second.build(3)
+    assert two.rows is one.rows  # appended in place, no copy
+    assert one.matrix is not None and two.matrix is not None and snapshot is not None
+    assert np.array_equal(one.matrix, snapshot) and len(one.matrix) == 6 and len(two.matrix) == 7
+    assert list(two.ids[-2:]) == ["a", "b"] and list(two.updated[-2:]) == [10.0, 11.0]
+    # A second draft from an entry someone already grew past (a write whose commit failed) must copy,
+    # or it would overwrite rows that the other entry shows.
+    stale = Draft(one)
+    stale.put("c", 12.0, None, fresh[2])
+    three = stale.build(4)
+    assert three.rows is not one.rows and three.matrix is not None
+    assert np.array_equal(two.matrix[-1], fresh[1]) and np.array_equal(three.matrix[-1], fresh[2])
+
+
+def test_rewrites_and_removals_equal_a_fresh_build() -> None:
+    base = entry(6)
+    fresh = units(2, 3)
+    draft = Draft(base)
+    draft.put(str(base.ids[2]), 20.0, 99.0, fresh[0])  # a dedupe update: the row moves to the end
+    draft.remove(str(base.ids[4]))  # superseded
+    draft.put("new", 21.0, None, fresh[1])
+    built = draft.build(2)
+    expected_ids = [str(base.ids[i]) for i in (0, 1, 3, 5)] + [str(base.ids[2]), "new"]
+    assert list(built.ids) == expected_ids
+    assert built.matrix is not None and base.matrix is not None
+    assert np.array_equal(built.matrix, np.vstack([base.matrix[[0, 1, 3, 5]], fresh]))
+    assert list(built.expires[-2:]) == [99.0, np.inf] and built.earliest_expiry == 99.0
+    assert len(base.ids) == 6 and base.matrix.shape == (6, DIM)  # the base is untouched
+
+
+def test_twin_matches_a_brute_force_search() -> None:
+    base = entry(50)
+    draft = Draft(base)
+    assert base.matrix is not None
+    probe = base.matrix[7] * 0.99 + units(1, 9)[0] * 0.01
+    probe /= np.linalg.norm(probe)
+    assert draft.twin(probe, 0.0, None, 0.9) == str(base.ids[7])
+    assert draft.twin(probe, 0.0, str(base.ids[7]), 0.9) is None  # the one being replaced does not count
+    draft.remove(str(base.ids[7]))
+    assert draft.twin(probe, 0.0, None, 0.9) is None
+    draft.put("again", 1.0, None, base.matrix[7])
+    assert draft.twin(probe, 0.0, None, 0.9) == "again"
+    draft.put("brief", 1.0, 5.0, probe)
+    assert draft.twin(probe, 10.0, "again", 0.9) is None  # expired by then
