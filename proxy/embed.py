@@ -383,6 +383,9 @@ def _load_session(path: Path, sha256: str | None, threads: int) -> Any:
     options.inter_op_num_threads = 1  # one batch at a time: parallel branches buy nothing for BERT
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The arena keeps the peak of every batch ever run (measured: RSS 444 MB after batches of 32 long texts,
+    # 325 MB without it), for no measurable gain on short queries.
+    options.enable_cpu_mem_arena = False
     options.log_severity_level = 3  # start-up warnings about initializers are noise to an operator
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
