@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import queue
@@ -89,6 +91,8 @@ class OnnxEmbedder:
         except Exception as exc:
             raise ModelError(f"embedding model {model_path} failed its first run: {exc}") from None
         self.model_runs = 0
+        self._trimmed_at = time.monotonic()
+        release_memory()  # loading leaves ~60 MB of freed heap behind
         self.cache = _LruCache(cache_size)
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._state_lock = threading.Lock()
@@ -200,6 +204,9 @@ class OnnxEmbedder:
                 batch.append(waiting)
                 size += len(waiting.texts)
             self._answer(batch)
+            if size >= self.batch_size and self._requests.empty() and time.monotonic() - self._trimmed_at > 1:
+                self._trimmed_at = time.monotonic()
+                release_memory()  # bulk work is over for now: hand its peak back to the system
 
     def _answer(self, batch: list[_Request]) -> None:
         live = [request for request in batch if request.future.set_running_or_notify_cancel()]
@@ -321,6 +328,24 @@ def _features(text: str) -> list[str]:
 def _bucket(feature: str, dimension: int) -> tuple[int, float]:
     value = int.from_bytes(hashlib.blake2b(feature.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
     return value % dimension, 1.0 if value >> 63 else -1.0
+
+
+def release_memory() -> None:
+    """Return freed heap to the system (glibc's malloc_trim). glibc keeps what onnxruntime frees, so without it
+    RSS stays at the peak of the largest batch ever run: measured 249 -> 170 MB after 500 long texts."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
 
 
 def load_embedder(model_dir: str, *, threads: int = 1, batch_size: int = 32, cache_size: int = 2048) -> Embedder:
