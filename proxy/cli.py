@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
     serve.set_defaults(run=run_serve)
 
+    migrate = commands.add_parser("migrate", help="copy every memory from one store to another (run it again to "
+                                  "catch up: nothing is copied twice)")
+    migrate.add_argument("--from", dest="source", required=True, metavar="URL",
+                         help="the store to read: a SQLite path or sqlite:///path, or a postgresql:// URL")
+    migrate.add_argument("--to", dest="target", required=True, metavar="URL",
+                         help="the store to write (created if need be)")
+    migrate.add_argument("--batch", type=int, default=1000, help="rows per transaction")
+    migrate.set_defaults(run=run_migrate)
+
     memories = commands.add_parser("memories", help="read and change memories in the store directly")
     verbs = memories.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -88,6 +97,18 @@ def run_serve(args: argparse.Namespace) -> int:
     uvicorn.run("proxy.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
                 loop="auto", http="auto", lifespan="on", server_header=False)
+    return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from proxy.migrate import copy
+
+    def progress(copied: Any) -> None:
+        print(f"\r{copied.read} memories read", end="", file=sys.stderr, flush=True)
+
+    copied = asyncio.run(copy(args.source, args.target, batch=max(1, args.batch), progress=progress))
+    print(file=sys.stderr)
+    print(f"{copied}.")
     return 0
 
 

@@ -21,6 +21,7 @@ from proxy.errors import StoreError
 from proxy.models import NewMemory
 from proxy.store import Store, open_store
 from proxy.store.sqlite import MIGRATIONS, SqliteStore, db
+from tests.pgserver import postgres_databases, postgres_location, postgres_server  # noqa: F401
 
 DIM = 64
 DEDUPE = 0.9
@@ -51,7 +52,7 @@ def stack(*vectors: Vec) -> Vec:
     return np.stack(vectors).astype(np.float32)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Where a fresh store of the engine lives; opening it again gives the same data. Another engine adds its name
     to params and a `<name>_location` fixture."""

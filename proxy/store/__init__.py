@@ -20,7 +20,6 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from proxy.errors import ConfigError
 from proxy.models import Hit, Memory, NewMemory
 
 Vector = npt.NDArray[np.float32]
@@ -59,7 +58,9 @@ class Store(Protocol):
 async def open_store(url: str, *, dimension: int, dedupe_similarity: float = 0.9) -> Store:
     """`postgresql://…` or `postgres://…` → PostgreSQL; `sqlite:///path`, a plain path or `:memory:` → SQLite."""
     if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError("the PostgreSQL store is not built yet: use a SQLite path for --db")
+        from proxy.store.postgres import PostgresStore
+
+        return await PostgresStore.open(url, dimension=dimension, dedupe_similarity=dedupe_similarity)
     from proxy.store.sqlite import SqliteStore
 
     # sqlite:///var/lib/x.db names /var/lib/x.db; a bare path is taken as it is.
