@@ -84,6 +84,28 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
     return config.load(getattr(args, "config", None), environ or getattr(args, "environ", None), {**flags, **extra})
 
 
+def preflight(settings: Settings) -> None:
+    """Load what every worker will load (keys, model, store) once, before serving: a missing or broken part stops
+    the start with one line (main prints the ProxyError) instead of a traceback from each worker's lifespan."""
+    from proxy.auth import Gate
+    from proxy.embed import load_embedder
+    from proxy.store import open_store
+
+    Gate.from_settings(settings)
+    embedder = load_embedder(settings.model_dir, threads=settings.embed_threads, batch_size=settings.embed_batch,
+                             cache_size=0)
+
+    async def check_store() -> None:
+        try:
+            store = await open_store(settings.db, dimension=embedder.dimension,
+                                     dedupe_similarity=settings.dedupe_similarity)
+            await store.close()
+        finally:
+            await embedder.close()
+
+    asyncio.run(check_store())
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -91,6 +113,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: noise in the log and a cost on the hot path.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    preflight(settings)
     # Workers are separate processes that load their settings themselves: hand them the resolved ones.
     for name, value in asdict(settings).items():
         os.environ[config.ENV_PREFIX + name.upper()] = str(value)

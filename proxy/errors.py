@@ -7,9 +7,10 @@
     ├── NotFound                    404 no such memory, session or route
     ├── UpstreamError               502 the upstream could not be reached or broke the protocol
     │   └── UpstreamTimeout         504 the upstream did not answer in time
+    ├── ClientGone                  499 the client hung up while the upstream was still thinking
     ├── ConfigError                 bad settings; raised at start, never on a request
     ├── ModelError                  the embedding model is missing or corrupt; raised at start
-    └── StoreError                  the memory store failed; the chat path answers without memory
+    └── StoreError                  503 the memory store failed; the chat path answers without memory
 
 Errors a client sees are always `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -72,6 +73,14 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class ClientGone(ProxyError):
+    """The client hung up before the answer came: nobody reads this (nginx's 499), it only ends the request."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class ConfigError(ProxyError):
     pass
 
@@ -81,6 +90,7 @@ class ModelError(ProxyError):
 
 
 class StoreError(ProxyError):
+    status = 503  # the store is down (locked, read-only, full), not the request wrong: worth a retry later
     code = "memory_store_error"
 
 

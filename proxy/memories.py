@@ -12,16 +12,18 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from proxy.errors import StoreError
 from proxy.models import Forget, Hit, Memory, NewMemory, Operation
 from proxy.sensitive import secret_kind
 
 if TYPE_CHECKING:
     from proxy.config import Settings
-    from proxy.embed import Embedder
+    from proxy.embed import Embedder, Vector
     from proxy.store import Store
 
 log = logging.getLogger("memory_proxy.memories")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+WRITE_BATCH = 32  # queued jobs stored together, their texts embedded in one model run
 
 
 def clean_text(text: str, max_chars: int) -> str:
@@ -57,8 +59,8 @@ class Memories:
         return await self.store.search(user, vector, k or self.k,
                                        self.min_similarity if min_similarity is None else min_similarity)
 
-    async def add(self, user: str, items: Sequence[NewMemory]) -> list[Memory]:
-        """Write now (the API and CLI path): texts cleaned and capped, embedded, deduplicated by the store."""
+    def clean(self, items: Sequence[NewMemory]) -> list[NewMemory]:
+        """The items to store: texts cleaned and capped; empty ones and obvious secrets left out."""
         cleaned = []
         for item in items:
             text = clean_text(item.text, self.max_chars)
@@ -67,16 +69,51 @@ class Memories:
                 log.warning("not storing a memory that looks like a %s", kind)  # never log the text itself
             elif text:
                 cleaned.append(replace(item, text=text))
+        return cleaned
+
+    async def add(self, user: str, items: Sequence[NewMemory]) -> list[Memory]:
+        """Write now (the API and CLI path): texts cleaned and capped, embedded, deduplicated by the store."""
+        cleaned = self.clean(items)
         if not cleaned:
             return []
         vectors = await self.embedder.embed([item.text for item in cleaned])
         return await self.store.add(user, cleaned, vectors)
 
-    async def apply(self, user: str, operations: Sequence[Operation]) -> None:
-        for op in operations:
-            if isinstance(op, Forget):
-                await self.store.forget(user, op.id)
-        await self.add(user, [op for op in operations if isinstance(op, NewMemory)])
+    async def apply_all(self, jobs: Sequence[Job]) -> None:
+        """Store the jobs, every new text among them embedded in one model run, each user's jobs in order and the
+        users side by side: under load the writer keeps up with the requests, where a model run and an event-loop
+        round trip per job would fall behind and fill the queue. A job that fails is logged and counted; the
+        others are stored all the same."""
+        batches = [self.clean([op for op in job.operations if isinstance(op, NewMemory)]) for job in jobs]
+        texts = [item.text for batch in batches for item in batch]
+        try:
+            vectors = await self.embedder.embed(texts) if texts else None
+        except Exception:
+            self.failed += len(jobs)
+            log.exception("could not embed %d memory text(s)", len(texts))
+            return
+        per_user: dict[str, list[tuple[Job, list[NewMemory], Vector | None]]] = {}
+        start = 0
+        for job, batch in zip(jobs, batches, strict=True):
+            rows = None if vectors is None or not batch else vectors[start:start + len(batch)]
+            per_user.setdefault(job.user, []).append((job, batch, rows))
+            start += len(batch)
+        await asyncio.gather(*(self._store_in_order(work) for work in per_user.values()))
+
+    async def _store_in_order(self, work: list[tuple[Job, list[NewMemory], Vector | None]]) -> None:
+        for job, batch, rows in work:
+            try:
+                for op in job.operations:
+                    if isinstance(op, Forget):
+                        await self.store.forget(job.user, op.id)
+                if batch and rows is not None:
+                    await self.store.add(job.user, batch, rows)
+            except StoreError as exc:  # a known store fault (locked, read-only, full) says it all in one line
+                self.failed += 1
+                log.error("could not store %d memory operation(s): %s", len(job.operations), exc.message)
+            except Exception:
+                self.failed += 1
+                log.exception("could not store %d memory operation(s)", len(job.operations))
 
     def remember(self, user: str, operations: Sequence[Operation]) -> bool:
         """Queue operations to apply off the request path; False (and logged) when the queue is full."""
@@ -95,14 +132,14 @@ class Memories:
 
     async def _work(self) -> None:
         while True:
-            job = await self.queue.get()
+            jobs = [await self.queue.get()]
+            while len(jobs) < WRITE_BATCH and not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
             try:
-                await self.apply(job.user, job.operations)
-            except Exception:
-                self.failed += 1
-                log.exception("could not store %d memory operation(s)", len(job.operations))
+                await self.apply_all(jobs)
             finally:
-                self.queue.task_done()
+                for _ in jobs:
+                    self.queue.task_done()
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Wait until every queued write is stored (shutdown, tests)."""
