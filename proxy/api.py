@@ -18,6 +18,7 @@ from proxy.memories import Memories, clean_text
 from proxy.models import Memory, NewMemory, check_user_id
 from proxy.passthrough import read_body
 from proxy.sensitive import secret_kind
+from proxy.sessions import Sessions
 
 Handler = Callable[[Request], Awaitable[Response]]
 MAX_LIST = 1000
@@ -118,6 +119,12 @@ async def search_memories(request: Request) -> Response:
     if not query.strip():
         raise BadRequest("'q' is required: the text to search for", param="q")
     k = int_param(request, "k", memories.k, 1, 100)
+    kind = request.query_params.get("kind", "memory")
+    if kind == "conversation":  # excerpts of past conversations (proxy/sessions.py)
+        sessions: Sessions = request.app.state.sessions
+        return json_response({"object": "list", "data": [c.to_dict() for c in await sessions.search(user, query, k)]})
+    if kind != "memory":
+        raise BadRequest("'kind' must be memory or conversation", param="kind")
     hits = await memories.recall(user, query, k=k, min_similarity=-1.0)
     return json_response({"object": "list", "data": [h.to_dict() for h in hits]})
 
@@ -166,7 +173,9 @@ async def delete_memory(request: Request) -> Response:
 async def erase_user(request: Request) -> Response:
     memories, user = memories_of(request)
     deleted = await memories.store.erase(user)
-    return json_response({"object": "user.erased", "user": request.path_params["user"], "deleted": deleted})
+    sessions = await request.app.state.sessions.erase(user)  # their conversations go too
+    return json_response({"object": "user.erased", "user": request.path_params["user"], "deleted": deleted,
+                          "sessions_deleted": sessions})
 
 
 @guarded

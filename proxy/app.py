@@ -13,13 +13,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import api, chat, config, health
+from proxy import api, chat, config, health, openapi, sessions_api
 from proxy.auth import Gate
 from proxy.config import Settings
 from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
 from proxy.memories import open_memories
 from proxy.passthrough import passthrough
+from proxy.sessions import open_sessions
 from proxy.store import Store
 from proxy.upstream import Upstream
 
@@ -46,6 +47,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
             stack.push_async_callback(app.state.upstream.aclose)
             app.state.memories = await stack.enter_async_context(open_memories(
                 settings, store=store, embedder=embedder, ready=lambda part: app.state.parts.__setitem__(part, True)))
+            app.state.sessions = await stack.enter_async_context(open_sessions(settings, app.state.memories,
+                                                                               app.state.upstream))
             # The first model run is the slow one: take it now, not on a user's request.
             await app.state.memories.embedder.embed(["warm up"])
             try:
@@ -56,8 +59,10 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     routes = [
         Route("/healthz", health.healthz, methods=["GET", "HEAD"]),
         Route("/readyz", health.readyz, methods=["GET", "HEAD"]),
+        Route("/openapi.json", openapi.openapi_json, methods=["GET", "HEAD"]),
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
         *api.routes,
+        *sessions_api.routes,
         Route("/v1/{path:path}", passthrough, methods=ALL_METHODS),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={

@@ -1,18 +1,23 @@
 """POST /v1/chat/completions: the memory pipeline, readable top to bottom.
 
     user      = identify(request)                      no user → forwarded byte for byte, no memory involved
+                                                       (only a model's token budget may trim it)
+    turn      = begin(request)                         the session the proxy keeps, if any (proxy/sessions.py)
     hits      = recall(user, last user message)        within a time budget; a fault → answer without memory
+    body      = prepend(turn, body)                    prepend mode: the stored turns before the new ones
     body      = rewrite(request, hits)                 instruction + memories, earlier turns untouched
+    body      = fit(turn, body)                        window / token budget; the summary for the turns cut
     response  = forward(body)
     answer    = filter(response)                       the <memory> block never reaches the client
-    remember(blocks)                                   queued once the answer is out, stored off the request path
+    remember(blocks), record(turn, answer)             queued once the answer is out, stored off the request path
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import httpx
@@ -22,12 +27,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from proxy import extract
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, ClientGone, ProxyError
 from proxy.identity import identify
 from proxy.memories import Memories, clean_text
 from proxy.models import Forget, Hit, NewMemory, Operation
 from proxy.passthrough import read_body, relay
 from proxy.rewrite import last_user_text, rewrite
+from proxy.sessions import Sessions
 from proxy.stream import ChatStreamFilter, filter_completion
 from proxy.upstream import RawHeaders, Upstream, close_quietly, request_headers, response_headers
 
@@ -35,6 +41,7 @@ log = logging.getLogger("memory_proxy.chat")
 # We re-serialise the body and read the answer decoded, so these are ours to set, not the client's.
 REWRITTEN = frozenset({b"content-length", b"accept-encoding"})
 FILTERED = frozenset({b"content-length", b"content-encoding"})
+Remember = Callable[[dict[int, list[str]], bytes], None]  # the blocks per choice, and the answer as it came
 
 
 async def chat_completions(request: Request) -> Response:
@@ -42,21 +49,31 @@ async def chat_completions(request: Request) -> Response:
     settings = state.settings
     upstream: Upstream = state.upstream
     memories: Memories | None = getattr(state, "memories", None)
+    sessions: Sessions = state.sessions
     tenant = state.gate.client(request)
     raw = await read_body(request, settings.max_body_bytes)
     body = parse_request(raw, settings.max_messages)
     user = identify(request, body, settings.user_header, state.gate, tenant)
     query = request.scope["query_string"]
     if user is None or memories is None:
-        forwarded = await upstream.send("POST", "/chat/completions", query,
-                                        request_headers(request.headers.raw, upstream.key), raw)
+        fitted = await sessions.fit(None, body)
+        content, drop = (raw, frozenset()) if fitted is body else (orjson.dumps(fitted), REWRITTEN)
+        forwarded = await unless_client_leaves(request, upstream.send(
+            "POST", "/chat/completions", query, request_headers(request.headers.raw, upstream.key, drop=drop), content))
         return relay(forwarded)
 
-    hits, fault = await recall(memories, user, last_user_text(body["messages"]), settings.recall_budget_ms)
-    upstream_body, aliases = rewrite(body, hits, instruction=extract.INSTRUCTION, max_chars=settings.inject_max_chars)
+    turn = sessions.begin(request, body, user)
+    question = last_user_text(body["messages"])
+    hits, fault = await recall(memories, user, question, settings.recall_budget_ms)
+    excerpts = await sessions.recall(user, turn, question)
+    body = await sessions.prepend(turn, body)
+    upstream_body, aliases = rewrite(body, hits, instruction=extract.INSTRUCTION, max_chars=settings.inject_max_chars,
+                                     excerpts=excerpts)
+    upstream_body = await sessions.fit(turn, upstream_body)
     headers = request_headers(request.headers.raw, upstream.key, drop=REWRITTEN)
     headers.append((b"accept-encoding", b"identity"))
-    response = await upstream.send("POST", "/chat/completions", query, headers, orjson.dumps(upstream_body))
+    response = await unless_client_leaves(
+        request, upstream.send("POST", "/chat/completions", query, headers, orjson.dumps(upstream_body)))
 
     ours = [(b"x-memory-recalled", str(len(aliases)).encode())]
     if fault:
@@ -68,11 +85,13 @@ async def chat_completions(request: Request) -> Response:
 
     recalled = [hit for hit in hits if hit.memory.id in aliases.values()]
 
-    def remember(blocks: dict[int, list[str]]) -> None:
+    def remember(blocks: dict[int, list[str]], answer: bytes) -> None:
         memories.remember(user, operations(blocks, aliases, recalled, memories.max_chars))
+        sessions.record(turn, answer)
 
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        streamed = StreamingResponse(filtered_stream(response, remember), status_code=response.status_code)
+        streamed = StreamingResponse(filtered_stream(response, remember, keep_answer=turn is not None),
+                                     status_code=response.status_code)
         streamed.raw_headers = response_headers(response.headers, drop=FILTERED) + ours
         return streamed
     return await filtered_answer(response, remember, ours)
@@ -93,6 +112,31 @@ def parse_request(body: bytes, max_messages: int) -> dict[str, Any]:
     return data
 
 
+async def unless_client_leaves(request: Request, sending: Coroutine[Any, Any, httpx.Response]) -> httpx.Response:
+    """The upstream's response, unless the client hangs up first: then the upstream request is cancelled (its
+    connection closed) at once, rather than held until the model answers, up to read_timeout, for nobody."""
+    send = asyncio.ensure_future(sending)
+    left = asyncio.ensure_future(hung_up(request.receive))
+    try:
+        await asyncio.wait((send, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not send.done():
+            send.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ProxyError):
+                await send
+    if send.cancelled():
+        raise ClientGone("the client closed the connection before the upstream answered")
+    return send.result()
+
+
+async def hung_up(receive: Receive) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else can arrive)."""
+    with contextlib.suppress(Exception):  # a receive channel that breaks has lost its connection too
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
 async def recall(memories: Memories, user: str, text: str, budget_ms: float) -> tuple[list[Hit], str | None]:
     """The user's memories for this question, or none and the reason: memory never breaks a chat."""
     try:
@@ -106,13 +150,17 @@ async def recall(memories: Memories, user: str, text: str, budget_ms: float) -> 
         return [], "recall-failed"
 
 
-async def filtered_stream(response: httpx.Response, remember: Callable[[dict[int, list[str]]], None]
+async def filtered_stream(response: httpx.Response, remember: Remember, *, keep_answer: bool
                           ) -> AsyncIterator[bytes]:
     """The upstream's SSE with the blocks taken out. Blocks are remembered when the stream ends, however it ends
-    (the client may leave once it has its answer), so the save never waits on, nor delays, the client."""
+    (the client may leave once it has its answer), so the save never waits on, nor delays, the client. The raw
+    answer is kept only when a session will record it."""
     stream = ChatStreamFilter()
+    answer: list[bytes] = []
     try:
         async for chunk in response.aiter_bytes():
+            if keep_answer:
+                answer.append(chunk)
             for event in stream.decode(chunk):
                 yield event
         for event in stream.flush():
@@ -124,11 +172,10 @@ async def filtered_stream(response: httpx.Response, remember: Callable[[dict[int
         yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
     finally:
         await close_quietly(response)
-        remember(stream.blocks)
+        remember(stream.blocks, b"".join(answer))
 
 
-async def filtered_answer(response: httpx.Response, remember: Callable[[dict[int, list[str]]], None],
-                          ours: RawHeaders) -> Response:
+async def filtered_answer(response: httpx.Response, remember: Remember, ours: RawHeaders) -> Response:
     try:
         raw = await response.aread()
     finally:
@@ -140,7 +187,7 @@ async def filtered_answer(response: httpx.Response, remember: Callable[[dict[int
         blocks, content = {}, raw
     else:
         content = orjson.dumps(body)
-    answer = AnswerThenRemember(content, response.status_code, lambda: remember(blocks))
+    answer = AnswerThenRemember(content, response.status_code, lambda: remember(blocks, raw))
     answer.raw_headers = [*response_headers(response.headers, drop=FILTERED),
                           (b"content-length", str(len(content)).encode()), *ours]
     return answer

@@ -20,6 +20,7 @@ from proxy.config import Settings
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.memories import open_memories
 from proxy.models import NewMemory, check_user_id
+from proxy.store.sessions import open_session_store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--ttl", type=float, help="seconds until it expires")
     delete = verb("delete", "remove one memory")
     delete.add_argument("id")
-    verb("erase", "remove every memory of the user").add_argument("--yes", action="store_true", required=True,
-                                                                  help="yes, erase them all")
+    erase = verb("erase", "remove every memory and stored conversation of the user")
+    erase.add_argument("--yes", action="store_true", required=True, help="yes, erase them all")
     verb("export", "write every memory of the user as JSON Lines")
     verb("import", "add memories from JSON Lines (as exported) or a JSON array").add_argument(
         "file", help="a file, or - for standard input")
@@ -159,8 +160,10 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
             if not await store.forget(user, args.id):
                 raise NotFound(f"no memory {args.id!r} for user {user!r}")
             show(args, [{"id": args.id, "deleted": True}])
-        elif args.verb == "erase":
-            show(args, [{"user": user, "deleted": await store.erase(user)}])
+        elif args.verb == "erase":  # their stored conversations go with them, as through the API
+            sessions = await open_session_store(store)
+            erased = await sessions.erase(user) if sessions is not None else 0
+            show(args, [{"user": user, "deleted": await store.erase(user), "sessions_deleted": erased}])
         elif args.verb == "export":
             before = None
             while page := await store.list(user, 500, before=before, include_history=True):

@@ -63,6 +63,23 @@ class Settings:
     user_signing_secret: str = setting("", "If set, the user header counts only with a valid "
                                            "`X-Memory-User-Signature` (hex HMAC-SHA256 of the user id).")
     max_messages: int = setting(2048, "Most messages accepted in one chat request (400 above it).")
+    # Conversation memory
+    session_history: str = setting("off", "Sessions (`X-Memory-Session` header or `metadata.session_id`): off, "
+                                          "store (turns kept and searchable), prepend (the stored turns go in front "
+                                          "of the client's new messages).")
+    session_max_messages: int = setting(200, "Most messages kept per session; the oldest go first.")
+    session_ttl_seconds: float = setting(2592000.0, "Seconds a session lives after its last turn (0: forever); "
+                                                    "expired sessions are purged, their chunks stay for recall.")
+    context_window: int = setting(0, "Most non-system messages sent upstream, newest whole turns first (0: no limit).")
+    context_budgets: str = setting("", "`model=tokens,...` (wildcards, first match wins, 0: none), e.g. "
+                                       "`gpt-4o-mini=8000,*=0`: the oldest turns are left out until a request fits.")
+    summary_model: str = setting("", "Model (a cheaper one) that folds older session turns into a rolling summary, "
+                                     "off the request path; empty: no summaries.")
+    summary_keep_messages: int = setting(20, "Newest session messages kept verbatim, out of the summary; older "
+                                             "ones are summarised.")
+    recall_conversations: bool = setting(False, "Also inject excerpts of the user's other conversations that match "
+                                                "the question.")
+    conversation_min_similarity: float = setting(0.4, "Least cosine similarity for recalling a conversation excerpt.")
 
     @property
     def upstream_base(self) -> str:
@@ -165,15 +182,34 @@ def _validate(s: Settings) -> None:
     if not s.upstream.startswith(("http://", "https://")):
         raise ConfigError(f"upstream must be an http:// or https:// URL, got {s.upstream!r}")
     positive = ["port", "workers", "max_connections", "embed_threads", "embed_batch", "recall_k",
-                "max_body_bytes", "write_queue", "memory_max_chars", "max_messages"]
+                "max_body_bytes", "write_queue", "memory_max_chars", "max_messages", "session_max_messages",
+                "summary_keep_messages"]
     for name in positive:
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")
-    for name in ("min_similarity", "dedupe_similarity"):
+    for name in ("min_similarity", "dedupe_similarity", "conversation_min_similarity"):
         if not -1.0 <= getattr(s, name) <= 1.0:
             raise ConfigError(f"setting {name!r} must be a cosine similarity between -1 and 1")
     if s.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
+    _validate_sessions(s)
+
+
+def _validate_sessions(s: Settings) -> None:
+    from proxy.context import parse_budgets  # not at import: it loads the tokenizer library
+
+    if s.session_history not in ("off", "store", "prepend"):
+        raise ConfigError(f"session_history must be off, store or prepend, got {s.session_history!r}")
+    for name in ("session_ttl_seconds", "context_window"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"setting {name!r} must not be negative")
+    if s.summary_keep_messages >= s.session_max_messages:
+        raise ConfigError("summary_keep_messages must be below session_max_messages (older messages are summarised "
+                          "before they are dropped)")
+    try:
+        parse_budgets(s.context_budgets)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def render_toml() -> str:

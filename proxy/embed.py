@@ -44,6 +44,13 @@ CHARS_PER_TOKEN = 64
 CACHE_KEY_CHARS = 256  # longer texts are cached under a digest, so the cache never holds big strings
 
 
+
+def cache_key(text: str) -> str | bytes:
+    """The text itself, or a digest of a long one: a cache keyed by it never holds big strings."""
+    if len(text) <= CACHE_KEY_CHARS:
+        return text
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
 class Embedder(Protocol):
     name: str
     dimension: int
@@ -241,11 +248,6 @@ class _LruCache:
         self._items: OrderedDict[str | bytes, Vector] = OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _key(text: str) -> str | bytes:
-        if len(text) <= CACHE_KEY_CHARS:
-            return text
-        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
     def get(self, texts: list[str]) -> list[Vector | None]:
         if not self.size:
@@ -253,7 +255,7 @@ class _LruCache:
         found: list[Vector | None] = []
         with self._lock:
             for text in texts:
-                key = self._key(text)
+                key = cache_key(text)
                 vector = self._items.get(key)
                 if vector is not None:
                     self._items.move_to_end(key)
@@ -270,8 +272,8 @@ class _LruCache:
             for text, vector in zip(texts, vectors, strict=True):
                 row = vector.copy()
                 row.flags.writeable = False
-                self._items[self._key(text)] = row
-                self._items.move_to_end(self._key(text))
+                self._items[cache_key(text)] = row
+                self._items.move_to_end(cache_key(text))
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import orjson
 import pytest
 
 from proxy.cli import main
+from proxy.store import open_store
+from proxy.store.sessions import NewMessage, open_session_store
 
 
 def run(capsys: pytest.CaptureFixture[str], db: Path, *argv: str) -> tuple[int, str]:
@@ -37,7 +40,7 @@ def test_add_list_search_delete_erase(tmp_path: Path, capsys: pytest.CaptureFixt
     code, _ = run(capsys, db, "memories", "delete", "--user", "alice", memory["id"])
     assert code == 2  # no such memory: a clear message, not a traceback
     _, out = run(capsys, db, "memories", "erase", "--user", "alice", "--yes", "--json")
-    assert orjson.loads(out) == [{"user": "alice", "deleted": 1}]
+    assert orjson.loads(out) == [{"user": "alice", "deleted": 1, "sessions_deleted": 0}]
     _, out = run(capsys, db, "memories", "list", "--user", "bob", "--json")
     assert len(orjson.loads(out)) == 1
 
@@ -56,3 +59,25 @@ def test_export_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_bad_user_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["memories", "list", "--user", "", "--db", str(tmp_path / "m.db")], environ={})
     assert code == 2 and "empty" in capsys.readouterr().err
+
+
+async def sessions_of(db: Path, *users: str) -> dict[str, bool]:
+    """Start a session "s1" for each of `users`; returns which users have one afterwards (alice, bob)."""
+    store = await open_store(str(db), dimension=384)
+    try:
+        sessions = await open_session_store(store)
+        assert sessions is not None
+        for user in users:
+            await sessions.append(user, "s1", [NewMessage({"role": "user", "content": "hi"}, 1)], max_messages=10,
+                                  ttl_seconds=None)
+        return {user: await sessions.get(user, "s1") is not None for user in ("alice", "bob")}
+    finally:
+        await store.close()
+
+
+def test_erase_takes_the_users_stored_conversations_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "m.db"
+    assert asyncio.run(sessions_of(db, "alice", "bob")) == {"alice": True, "bob": True}
+    _, out = run(capsys, db, "memories", "erase", "--user", "alice", "--yes", "--json")
+    assert orjson.loads(out) == [{"user": "alice", "deleted": 0, "sessions_deleted": 1}]
+    assert asyncio.run(sessions_of(db)) == {"alice": False, "bob": True}

@@ -20,9 +20,30 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from proxy.models import Hit, Memory, NewMemory
+from proxy.models import Hit, Memory, NewMemory, new_id
 
 Vector = npt.NDArray[np.float32]
+
+
+class Engine:
+    """What every engine does alike with what it is given: vectors checked for shape, ids issued in order."""
+
+    dimension: int
+    last_id: str = ""
+
+    def as_matrix(self, vectors: Vector, rows: int) -> Vector:
+        matrix = np.ascontiguousarray(vectors, dtype=np.float32).reshape(rows, -1)
+        if matrix.shape[1] != self.dimension:
+            raise ValueError(f"vectors have {matrix.shape[1]} dimensions, the store {self.dimension}")
+        return matrix
+
+    def next_id(self) -> str:
+        """new_id(), kept increasing within this store so that a batch written in one millisecond lists in order."""
+        candidate = new_id()
+        if candidate <= self.last_id:
+            candidate = f"{int(self.last_id, 16) + 1:020x}"
+        self.last_id = candidate
+        return candidate
 
 
 class Store(Protocol):

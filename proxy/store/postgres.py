@@ -43,8 +43,8 @@ from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from proxy.errors import StoreError
-from proxy.models import Hit, Memory, NewMemory, new_id
-from proxy.store import Vector
+from proxy.models import Hit, Memory, NewMemory
+from proxy.store import Engine, Vector
 from proxy.store.vectors import TIE, rank, unit
 
 Floats = npt.NDArray[np.float32]
@@ -157,13 +157,12 @@ def to_memory(row: Sequence[Any]) -> Memory:
     return Memory(*row[:10])
 
 
-class PostgresStore:
+class PostgresStore(Engine):
     def __init__(self, url: str, dimension: int, dedupe_similarity: float, pool: AsyncConnectionPool[Conn]) -> None:
         self.url = url
         self.dimension = dimension
         self.dedupe_similarity = dedupe_similarity
         self.pool = pool
-        self.last_id = ""
         self.closed = False
 
     @classmethod
@@ -217,19 +216,7 @@ class PostgresStore:
         except (psycopg.Error, PoolTimeout) as exc:
             raise describe(self.url, exc) from exc
 
-    def as_matrix(self, vectors: Vector, rows: int) -> Floats:
-        matrix = np.ascontiguousarray(vectors, dtype=np.float32).reshape(rows, -1)
-        if matrix.shape[1] != self.dimension:
-            raise ValueError(f"vectors have {matrix.shape[1]} dimensions, the store {self.dimension}")
-        return matrix
 
-    def next_id(self) -> str:
-        """new_id(), kept increasing within this store so that a batch written in one millisecond lists in order."""
-        candidate = new_id()
-        if candidate <= self.last_id:
-            candidate = f"{int(self.last_id, 16) + 1:020x}"
-        self.last_id = candidate
-        return candidate
 
     @staticmethod
     async def fetch(conn: Conn, sql: str, params: dict[str, Any] | Sequence[Any]) -> list[tuple[Any, ...]]:

@@ -47,8 +47,8 @@ import numpy as np
 import numpy.typing as npt
 
 from proxy.errors import StoreError
-from proxy.models import Hit, Memory, NewMemory, new_id
-from proxy.store import Vector
+from proxy.models import Hit, Memory, NewMemory
+from proxy.store import Engine, Vector
 from proxy.store.vectors import Draft, Floats, Ids, UserVectors, VectorCache, rank, unit
 
 T = TypeVar("T")
@@ -69,6 +69,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX memories_expiry ON memories (expires_at) WHERE expires_at IS NOT NULL",
         "CREATE INDEX memories_live ON memories (expires_at) WHERE superseded_by IS NULL",
         "CREATE TABLE users (user TEXT PRIMARY KEY, generation INTEGER NOT NULL) WITHOUT ROWID",
+    ),
+    (  # conversation memory: proxy/store/sqlite_sessions.py
+        """CREATE TABLE sessions (
+            user TEXT NOT NULL, session TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+            expires_at REAL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, summary TEXT NOT NULL,
+            summarized_through INTEGER NOT NULL, summary_tokens INTEGER NOT NULL, chunked_through INTEGER NOT NULL,
+            PRIMARY KEY (user, session)) WITHOUT ROWID""",
+        "CREATE INDEX sessions_recent ON sessions (user, updated_at)",
+        "CREATE INDEX sessions_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL",
+        """CREATE TABLE session_messages (
+            user TEXT NOT NULL, session TEXT NOT NULL, seq INTEGER NOT NULL, message TEXT NOT NULL,
+            tokens INTEGER NOT NULL, created_at REAL NOT NULL,
+            PRIMARY KEY (user, session, seq)) WITHOUT ROWID""",
+        """CREATE TABLE conversation_chunks (
+            user TEXT NOT NULL, id TEXT NOT NULL, session TEXT NOT NULL, first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL, text TEXT NOT NULL, created_at REAL NOT NULL, embedding BLOB NOT NULL,
+            PRIMARY KEY (user, id)) WITHOUT ROWID""",
+        "CREATE INDEX conversation_chunks_session ON conversation_chunks (user, session)",
     ),
 )
 
@@ -96,6 +114,8 @@ def describe(path: str, exc: Exception, busy_timeout: float) -> StoreError:
         why = "the database (or its directory, which holds the -wal and -shm files) is read-only"
     elif "unable to open" in lowered:
         why = "the database file cannot be opened (missing directory or no permission?)"
+    elif "full" in lowered:
+        why = "the disk (or the database's max_page_count) is full"
     else:
         why = "the memory store failed"
     return StoreError(f"SQLite memory store {path!r}: {why} ({message})")
@@ -200,7 +220,7 @@ class Writer(threading.Thread):
         self.join()
 
 
-class SqliteStore:
+class SqliteStore(Engine):
     def __init__(self, path: str, dimension: int, dedupe_similarity: float, writer: Writer,
                  readers: list[sqlite3.Connection], cache_bytes: int, busy_timeout: float,
                  temp_dir: str | None) -> None:
@@ -218,7 +238,6 @@ class SqliteStore:
         # A user whose matrix would take over a quarter of the cache is scored in SQL instead.
         self.max_cached_rows = cache_bytes // 4 // (4 * dimension)
         self.temp_dir = temp_dir
-        self.last_id = ""
         self.closed = False
 
     @classmethod
@@ -300,19 +319,7 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             self.idle.put(conn)
 
-    def as_matrix(self, vectors: Vector, rows: int) -> npt.NDArray[np.float32]:
-        matrix = np.ascontiguousarray(vectors, dtype=np.float32).reshape(rows, -1)
-        if matrix.shape[1] != self.dimension:
-            raise ValueError(f"vectors have {matrix.shape[1]} dimensions, the store {self.dimension}")
-        return matrix
 
-    def next_id(self) -> str:
-        """new_id(), kept increasing within this store so that a batch written in one millisecond lists in order."""
-        candidate = new_id()
-        if candidate <= self.last_id:
-            candidate = f"{int(self.last_id, 16) + 1:020x}"
-        self.last_id = candidate
-        return candidate
 
     @staticmethod
     def bump(conn: sqlite3.Connection, user: str) -> int:
