@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from proxy.store.vectors import Draft, UserVectors
+from proxy.store.vectors import Draft, UserVectors, VectorCache
 
 DIM = 8
 
@@ -75,3 +75,61 @@ def test_twin_matches_a_brute_force_search() -> None:
     assert draft.twin(probe, 0.0, None, 0.9) == "again"
     draft.put("brief", 1.0, 5.0, probe)
     assert draft.twin(probe, 10.0, "again", 0.9) is None  # expired by then
+
+
+def live(vectors: UserVectors) -> dict[str, tuple[list[float], float, float]]:
+    """What a search can see: each live row's id, vector, updated and expiry."""
+    assert vectors.matrix is not None
+    dead = set(vectors.dead.tolist())
+    return {str(vectors.ids[i]): (vectors.matrix[i].tolist(), float(vectors.updated[i]), float(vectors.expires[i]))
+            for i in range(len(vectors.ids)) if i not in dead}
+
+
+def test_a_rewrite_appends_in_place_and_marks_the_old_row_dead() -> None:
+    base = Draft(entry(200)).build(2)  # a matrix with room to grow, as the store holds it
+    assert base.rows is not None and base.matrix is not None
+    before = base.matrix.copy()
+    fresh = units(2, 5)
+    draft = Draft(base)
+    draft.put(str(base.ids[3]), 30.0, None, fresh[0])  # a dedupe update of an existing memory
+    draft.remove(str(base.ids[9]))
+    built = draft.build(3)
+    assert built.rows is base.rows  # nothing copied
+    assert np.array_equal(base.matrix, before)  # a reader's view is untouched
+    expected = {**live(base), str(base.ids[3]): (fresh[0].tolist(), 30.0, np.inf)}
+    del expected[str(base.ids[9])]
+    assert live(built) == expected
+    scores = built.scores(fresh[0], 0.0)
+    assert scores[3] == -np.inf and scores[9] == -np.inf and int(np.argmax(scores)) == len(built.ids) - 1
+    assert Draft(built).twin(fresh[0], 0.0, None, 0.9) == str(base.ids[3])  # the live row, not the dead one
+
+
+def test_dead_rows_are_compacted_away_once_they_pass_a_quarter() -> None:
+    current = Draft(entry(400)).build(2)
+    expected = live(current)
+    for n in range(120):  # 120 rewrites of 400 memories: past the quarter once
+        assert current.matrix is not None
+        draft = Draft(current)
+        memory_id = str(current.ids[int(np.flatnonzero(current.scores(current.matrix[0], 0.0) > -np.inf)[n])])
+        vector = units(1, 100 + n)[0]
+        draft.put(memory_id, 100.0 + n, None, vector)
+        expected[memory_id] = (vector.tolist(), 100.0 + n, np.inf)
+        current = draft.build(3 + n)
+        assert live(current) == expected
+        assert len(current.dead) <= max(64, (len(current.ids) - len(current.dead)) // 4)
+    assert len(current.ids) < 400 + 120  # compacted at least once
+
+
+def test_the_cache_serves_a_reader_one_write_behind_and_keeps_the_newer_entry() -> None:
+    cache = VectorCache(1 << 20)
+    newer = UserVectors(50, matrix=units(1, 1), previous=40)  # the writer's entry: write 50 followed 40
+    cache.put("u", newer)
+    assert cache.get("u", 40) is newer and cache.get("u", 50) is newer  # a reader one write behind reuses it
+    assert cache.get("u", 60) is None  # another process wrote since: reload
+    cache.put("u", UserVectors(40, matrix=units(1, 2)))  # a reader's late load of the older snapshot
+    assert cache.get("u", 50) is newer
+    cache.discard("u")  # a failed write drops what it stored
+    assert cache.get("u", 50) is None
+    built = Draft(UserVectors(7, matrix=units(1, 3), ids=np.array(["a"]), updated=np.zeros(1),
+                          expires=np.full(1, np.inf))).build(8)
+    assert (built.generation, built.previous) == (8, 7)
