@@ -137,6 +137,19 @@ def sql_latency(conn: sqlite3.Connection, sql: str, data: Data, count: int) -> L
     return {label: timed(search(user), data.queries, count) for label, user in TARGETS.items()}
 
 
+VEC0_SEARCH = f"SELECT rowid, distance FROM v WHERE embedding MATCH ? AND k = {K} AND user = ?"
+
+
+def measured_then_removed(path: Path, sql: str, data: Data, count: int) -> Latency:
+    """The search latency of `sql` on the file, read through a fresh reader; the file is deleted afterwards."""
+    conn = reader(path)
+    try:
+        return sql_latency(conn, sql, data, count)
+    finally:
+        conn.close()
+        path.unlink()
+
+
 def rowid_layout(data: Data, folder: Path, count: int) -> tuple[Latency, float, float]:
     path = folder / "rowid.db"
     conn = bulk(path)
@@ -148,12 +161,8 @@ def rowid_layout(data: Data, folder: Path, count: int) -> tuple[Latency, float, 
     seconds = time.perf_counter() - start
     disk = bytes_per_memory(conn, path, len(data))
     conn.close()
-    conn = reader(path)
-    latency = sql_latency(conn, "SELECT id, vec_distance_cosine(embedding, ?) AS d FROM m WHERE user = ? "
-                                "ORDER BY d LIMIT 5", data, count)
-    conn.close()
-    path.unlink()
-    return latency, disk, seconds
+    sql = "SELECT id, vec_distance_cosine(embedding, ?) AS d FROM m WHERE user = ? ORDER BY d LIMIT 5"
+    return measured_then_removed(path, sql, data, count), disk, seconds
 
 
 def clustered_file(data: Data, path: Path) -> tuple[float, float]:
@@ -247,12 +256,7 @@ def vec0_metadata_layout(data: Data, folder: Path, count: int) -> tuple[Latency,
     seconds = time.perf_counter() - start
     disk = bytes_per_memory(conn, path, len(data))
     conn.close()
-    conn = reader(path)
-    latency = sql_latency(conn, f"SELECT rowid, distance FROM v WHERE embedding MATCH ? AND k = {K} AND user = ?",
-                          data, count)
-    conn.close()
-    path.unlink()
-    return latency, disk, seconds
+    return measured_then_removed(path, VEC0_SEARCH, data, count), disk, seconds
 
 
 def vec0_partition_layout(data: Data, folder: Path, count: int) -> tuple[Latency, float, float]:
@@ -277,12 +281,7 @@ def vec0_partition_layout(data: Data, folder: Path, count: int) -> tuple[Latency
     seconds = time.perf_counter() - start
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
-    conn = reader(path)
-    latency = sql_latency(conn, f"SELECT rowid, distance FROM v WHERE embedding MATCH ? AND k = {K} AND user = ?",
-                          data, count)
-    conn.close()
-    path.unlink()
-    return latency, disk, seconds
+    return measured_then_removed(path, VEC0_SEARCH, data, count), disk, seconds
 
 
 def latency_row(name: str, latency: Latency) -> list[str]:

@@ -228,6 +228,5 @@ class Draft:
             ids = np.concatenate([self.base.ids[keep], new_ids])
             updated = np.concatenate([self.base.updated[keep], new_updated])
             expires = np.concatenate([self.base.expires[keep], new_expires])
-        live_expiry = expires[np.setdiff1d(np.arange(len(expires)), dead, assume_unique=True)] if len(dead) else expires
-        return UserVectors(generation, ids, updated, expires, matrix, float(live_expiry.min(initial=np.inf)), rows,
-                           dead, self.base.generation)
+        earliest = float(np.delete(expires, dead).min(initial=np.inf))
+        return UserVectors(generation, ids, updated, expires, matrix, earliest, rows, dead, self.base.generation)
