@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -20,6 +21,7 @@ from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
 from proxy.memories import open_memories
 from proxy.passthrough import passthrough
+from proxy.server import DateHeader
 from proxy.sessions import open_sessions
 from proxy.store import Store
 from proxy.upstream import Upstream
@@ -61,11 +63,15 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         Route("/readyz", health.readyz, methods=["GET", "HEAD"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET", "HEAD"]),
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+        # Azure OpenAI clients: /openai/deployments/... (its classic routes), or /v1/deployments/... (base_url /v1)
+        Route("/openai/deployments/{deployment}/chat/completions", chat.chat_completions, methods=["POST"]),
+        Route("/v1/deployments/{deployment}/chat/completions", chat.chat_completions, methods=["POST"]),
         *api.routes,
         *sessions_api.routes,
         Route("/v1/{path:path}", passthrough, methods=ALL_METHODS),
+        Route("/openai/{path:path}", passthrough, methods=ALL_METHODS),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(DateHeader)], exception_handlers={
         ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected_error,
     })
     app.state.settings = settings

@@ -1,14 +1,16 @@
-"""POST /v1/chat/completions: the memory pipeline, readable top to bottom.
+"""POST /v1/chat/completions (and Azure's deployment routes): the memory pipeline, readable top to bottom.
 
     user      = identify(request)                      no user → forwarded byte for byte, no memory involved
                                                        (only a model's token budget may trim it)
     turn      = begin(request)                         the session the proxy keeps, if any (proxy/sessions.py)
-    hits      = recall(user, last user message)        within a time budget; a fault → answer without memory
     body      = prepend(turn, body)                    prepend mode: the stored turns before the new ones
-    body      = rewrite(request, hits)                 instruction + memories, earlier turns untouched
+    decided   = plan(body)                             where memories go; whether a block is possible at all
+    hits      = recall(user, last user message)        within a time budget; a fault → answer without memory
+    body      = rewrite(body, hits, decided)           text added to messages the client sent, none added
     body      = fit(turn, body)                        window / token budget; the summary for the turns cut
-    response  = forward(body)
-    answer    = filter(response)                       the <memory> block never reaches the client
+    response  = forward(body)                          unchanged bytes when nothing was added
+    answer    = filter(response)                       the <memory> block never reaches the client; an answer
+                                                       that may not hold one is relayed untouched
     remember(blocks), record(turn, answer)             queued once the answer is out, stored off the request path
 """
 
@@ -27,13 +29,16 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from proxy import extract
-from proxy.errors import BadRequest, ClientGone, ProxyError
+from proxy.config import Settings
+from proxy.errors import BadRequest, ClientGone, ProxyError, UpstreamError
 from proxy.identity import identify
 from proxy.memories import Memories, clean_text
 from proxy.models import Forget, Hit, NewMemory, Operation
-from proxy.passthrough import read_body, relay
+from proxy.passthrough import read_body, relay, upstream_path
+from proxy.plan import plan
 from proxy.rewrite import last_user_text, rewrite
 from proxy.sessions import Sessions
+from proxy.sniff import Answer, read_answer
 from proxy.stream import ChatStreamFilter, filter_completion
 from proxy.upstream import RawHeaders, Upstream, close_quietly, request_headers, response_headers
 
@@ -54,26 +59,28 @@ async def chat_completions(request: Request) -> Response:
     raw = await read_body(request, settings.max_body_bytes)
     body = parse_request(raw, settings.max_messages)
     user = identify(request, body, settings.user_header, state.gate, tenant)
-    query = request.scope["query_string"]
+    path, query = upstream_path(request), request.scope["query_string"]
     if user is None or memories is None:
         fitted = await sessions.fit(None, body)
         content, drop = (raw, frozenset()) if fitted is body else (orjson.dumps(fitted), REWRITTEN)
         forwarded = await unless_client_leaves(request, upstream.send(
-            "POST", "/chat/completions", query, request_headers(request.headers.raw, upstream.key, drop=drop), content))
+            "POST", path, query, request_headers(request.headers.raw, upstream.key, drop=drop), content))
         return relay(forwarded)
 
     turn = sessions.begin(request, body, user)
-    question = last_user_text(body["messages"])
+    body = await sessions.prepend(turn, body)
+    decided = plan(body, settings.memory_placement)
+    question = last_user_text(body["messages"]) if decided.recall else ""
     hits, fault = await recall(memories, user, question, settings.recall_budget_ms)
     excerpts = await sessions.recall(user, turn, question)
-    body = await sessions.prepend(turn, body)
-    upstream_body, aliases = rewrite(body, hits, instruction=extract.INSTRUCTION, max_chars=settings.inject_max_chars,
-                                     excerpts=excerpts)
+    upstream_body, aliases = rewrite(body, hits, decided, instruction=extract.INSTRUCTION,
+                                     max_chars=settings.inject_max_chars, excerpts=excerpts)
     upstream_body = await sessions.fit(turn, upstream_body)
+    unchanged = upstream_body is body and not (turn is not None and turn.prepended)
     headers = request_headers(request.headers.raw, upstream.key, drop=REWRITTEN)
     headers.append((b"accept-encoding", b"identity"))
-    response = await unless_client_leaves(
-        request, upstream.send("POST", "/chat/completions", query, headers, orjson.dumps(upstream_body)))
+    response = await unless_client_leaves(request, upstream.send(
+        "POST", path, query, headers, raw if unchanged else orjson.dumps(upstream_body)))
 
     ours = [(b"x-memory-recalled", str(len(aliases)).encode())]
     if fault:
@@ -89,12 +96,16 @@ async def chat_completions(request: Request) -> Response:
         memories.remember(user, operations(blocks, aliases, recalled, memories.max_chars))
         sessions.record(turn, answer)
 
-    if response.headers.get("content-type", "").startswith("text/event-stream"):
-        streamed = StreamingResponse(filtered_stream(response, remember, keep_answer=turn is not None),
-                                     status_code=response.status_code)
+    answer = await read_answer(response, settings.filter_max_bytes)
+    if not decided.inline:  # no block was asked for: the answer is the upstream's, byte for byte
+        return untouched(response, answer, remember, ours, keep_answer=turn is not None,
+                         max_bytes=settings.filter_max_bytes)
+    if answer.streamed:
+        stream = filtered_stream(response, answer, remember, settings, keep_answer=turn is not None)
+        streamed = StreamingResponse(stream, status_code=response.status_code)
         streamed.raw_headers = response_headers(response.headers, drop=FILTERED) + ours
         return streamed
-    return await filtered_answer(response, remember, ours)
+    return await filtered_answer(response, answer, remember, ours, settings)
 
 
 def parse_request(body: bytes, max_messages: int) -> dict[str, Any]:
@@ -150,17 +161,16 @@ async def recall(memories: Memories, user: str, text: str, budget_ms: float) -> 
         return [], "recall-failed"
 
 
-async def filtered_stream(response: httpx.Response, remember: Remember, *, keep_answer: bool
-                          ) -> AsyncIterator[bytes]:
+async def filtered_stream(response: httpx.Response, answer: Answer, remember: Remember, settings: Settings, *,
+                          keep_answer: bool) -> AsyncIterator[bytes]:
     """The upstream's SSE with the blocks taken out. Blocks are remembered when the stream ends, however it ends
     (the client may leave once it has its answer), so the save never waits on, nor delays, the client. The raw
-    answer is kept only when a session will record it."""
-    stream = ChatStreamFilter()
-    answer: list[bytes] = []
+    answer is kept (up to filter_max_bytes) only when a session will record it."""
+    stream = ChatStreamFilter(max_event=settings.filter_max_bytes, max_block=settings.memory_block_max_chars)
+    kept = Kept(settings.filter_max_bytes if keep_answer else 0)
     try:
-        async for chunk in response.aiter_bytes():
-            if keep_answer:
-                answer.append(chunk)
+        async for chunk in answer.chunks():
+            kept.add(chunk)
             for event in stream.decode(chunk):
                 yield event
         for event in stream.flush():
@@ -172,25 +182,68 @@ async def filtered_stream(response: httpx.Response, remember: Remember, *, keep_
         yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
     finally:
         await close_quietly(response)
-        remember(stream.blocks, b"".join(answer))
+        remember(stream.blocks, kept.value())
 
 
-async def filtered_answer(response: httpx.Response, remember: Remember, ours: RawHeaders) -> Response:
+def untouched(response: httpx.Response, answer: Answer, remember: Remember, ours: RawHeaders, *,
+              keep_answer: bool, max_bytes: int) -> Response:
+    """The upstream's answer exactly as it came (a stream or not), then remembered as a turn with no blocks."""
+    kept = Kept(max_bytes if keep_answer else 0)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in answer.chunks():
+                kept.add(chunk)
+                yield chunk
+        except httpx.TransportError as exc:
+            raise UpstreamError(f"the upstream broke off its answer: {exc or type(exc).__name__}") from exc
+        finally:
+            await close_quietly(response)
+            remember({}, kept.value())
+
+    relayed = StreamingResponse(body(), status_code=response.status_code)
+    relayed.raw_headers = response_headers(response.headers) + ours
+    return relayed
+
+
+async def filtered_answer(response: httpx.Response, answer: Answer, remember: Remember, ours: RawHeaders,
+                          settings: Settings) -> Response:
+    if not answer.complete:  # longer than anything a block could hide in: relayed as it comes, unfiltered
+        return untouched(response, answer, remember, ours, keep_answer=False, max_bytes=0)
+    await close_quietly(response)
+    raw = b"".join(answer.head)
     try:
-        raw = await response.aread()
-    finally:
-        await close_quietly(response)
-    try:
-        body, blocks = filter_completion(orjson.loads(raw))
+        parsed = orjson.loads(raw)
+        body, blocks = filter_completion(parsed, settings.memory_block_max_chars)
     except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
         # Not the JSON we know: hand it over as it came. Nothing to remember, nothing to hide.
         blocks, content = {}, raw
     else:
-        content = orjson.dumps(body)
-    answer = AnswerThenRemember(content, response.status_code, lambda: remember(blocks, raw))
-    answer.raw_headers = [*response_headers(response.headers, drop=FILTERED),
-                          (b"content-length", str(len(content)).encode()), *ours]
-    return answer
+        content = raw if body is parsed else orjson.dumps(body)  # nothing taken out: the very same bytes
+    relayed = AnswerThenRemember(content, response.status_code, lambda: remember(blocks, raw))
+    relayed.raw_headers = [*response_headers(response.headers, drop=FILTERED),
+                           (b"content-length", str(len(content)).encode()), *ours]
+    return relayed
+
+
+class Kept:
+    """The raw answer, kept for the session's record up to `limit` bytes; past it nothing is kept (a turn
+    recorded half would mislead later turns more than a turn recorded without its answer)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.chunks: list[bytes] = []
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size <= self.limit:
+            self.chunks.append(chunk)
+        elif self.chunks:
+            self.chunks = []
+
+    def value(self) -> bytes:
+        return b"".join(self.chunks)
 
 
 class AnswerThenRemember(Response):

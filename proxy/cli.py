@@ -20,6 +20,7 @@ from proxy.config import Settings
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.memories import open_memories
 from proxy.models import NewMemory, check_user_id
+from proxy.server import UVICORN_OPTIONS
 from proxy.store.sessions import open_session_store
 
 
@@ -120,7 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
         os.environ[config.ENV_PREFIX + name.upper()] = str(value)
     uvicorn.run("proxy.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
-                loop="auto", http="auto", lifespan="on", server_header=False)
+                loop="auto", http="auto", lifespan="on", **UVICORN_OPTIONS)
     return 0
 
 

@@ -63,6 +63,14 @@ class Settings:
     user_signing_secret: str = setting("", "If set, the user header counts only with a valid "
                                            "`X-Memory-User-Signature` (hex HMAC-SHA256 of the user id).")
     max_messages: int = setting(2048, "Most messages accepted in one chat request (400 above it).")
+    memory_placement: str = setting("user", "Where recalled memories go: user (at the start of the last user "
+                                            "message; the prompt prefix stays cacheable) or system (in the first "
+                                            "system/developer message). No message is ever added.")
+    filter_max_bytes: int = setting(16 * 1024 * 1024, "Largest non-streamed answer, or single streamed event, "
+                                                      "read whole to take a memory block out; past it the rest "
+                                                      "is relayed unfiltered.")
+    memory_block_max_chars: int = setting(65536, "Longest memory block body; anything longer is not a block and "
+                                                 "reaches the client as text.")
     # Conversation memory
     session_history: str = setting("off", "Sessions (`X-Memory-Session` header or `metadata.session_id`): off, "
                                           "store (turns kept and searchable), prepend (the stored turns go in front "
@@ -183,7 +191,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"upstream must be an http:// or https:// URL, got {s.upstream!r}")
     positive = ["port", "workers", "max_connections", "embed_threads", "embed_batch", "recall_k",
                 "max_body_bytes", "write_queue", "memory_max_chars", "max_messages", "session_max_messages",
-                "summary_keep_messages"]
+                "summary_keep_messages", "filter_max_bytes", "memory_block_max_chars"]
     for name in positive:
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")
@@ -192,6 +200,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"setting {name!r} must be a cosine similarity between -1 and 1")
     if s.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
+    if s.memory_placement not in ("user", "system"):
+        raise ConfigError(f"memory_placement must be user or system, got {s.memory_placement!r}")
     _validate_sessions(s)
 
 

@@ -23,7 +23,8 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from proxy.embed import cache_key
-from proxy.rewrite import SYSTEM_ROLES
+from proxy.plan import SYSTEM_ROLES, writable
+from proxy.rewrite import with_text
 
 TOKENIZER = Path(__file__).resolve().parent / "data" / "tokenizer.json"
 PER_MESSAGE = 4  # role and framing around each message, as OpenAI counts them
@@ -143,17 +144,28 @@ def trim(messages: Sequence[Any], tokens: Sequence[int] | None = None, *, window
 
 
 def with_summary(messages: Sequence[Any], summary: str) -> list[Any]:
-    """The messages with the summary as a system message right after the first system message (first of all
-    when there is none), in the role the client uses for instructions."""
+    """The messages with the summary added to the content of one the client sent, never as a message of its own
+    (chat templates refuse new role layouts): after the first system/developer message's text, else before the
+    text of the first user message. Unchanged when neither can take text."""
     out = list(messages)
-    first = next((i for i, message in enumerate(out) if is_system(message)), None)
-    role = "system" if first is None else out[first]["role"]
-    out.insert(0 if first is None else first + 1, summary_message(summary, role))
+    first = next((i for i, message in enumerate(out) if is_system(message) and writable(message)), None)
+    if first is not None:
+        out[first] = with_text(out[first], (), [summary_text(summary)])
+        return out
+    first = next((i for i, message in enumerate(out) if isinstance(message, dict) and message.get("role") == "user"
+                  and writable(message)), None)
+    if first is not None:
+        out[first] = with_text(out[first], [summary_text(summary)], ())
     return out
 
 
+def summary_text(summary: str) -> str:
+    return SUMMARY_HEADER + summary
+
+
 def summary_message(summary: str, role: str = "system") -> dict[str, Any]:
-    return {"role": role, "content": SUMMARY_HEADER + summary}
+    """A message holding only the summary: what its tokens are counted as."""
+    return {"role": role, "content": summary_text(summary)}
 
 
 def fit(messages: Sequence[Any], tokens: Sequence[int] | None, *, window: int | None = None,

@@ -42,12 +42,11 @@ CLOSE_TAG = re.compile(f"<{_S}/{_S}memory{_S}>", re.IGNORECASE)
 # Text that is not yet an opening tag but could still become one (fullmatch it from a '<').
 OPEN_TAG_START = re.compile(f"<{_S}(?:m(?:e(?:m(?:o(?:r(?:y{_S})?)?)?)?)?)?", re.IGNORECASE)
 OPEN_TAG_MAX = len("<memory>") + 2 * TAG_SPACE
-CLOSE_TAG_MAX = len("</memory>") + 3 * TAG_SPACE
 
 TEXT_KEYS = ("text", "content", "memory", "fact", "value")
 LIST_KEYS = ("memories", "memory", "facts", "items")
 FORGET_ACTIONS = frozenset({"forget", "delete", "remove"})
-MAX_BLOCK = 64 * 1024  # a runaway block is cut here: parsing stays cheap whatever the model wrote
+MAX_BLOCK = 64 * 1024  # parsing stays cheap whatever a block holds (the filter caps what it takes as a block)
 MAX_STARTS = 32  # most positions tried when looking for JSON inside prose
 
 _FENCE = re.compile(r"```[\w-]*[ \t]*\n?(.*?)```", re.DOTALL)

@@ -149,7 +149,7 @@ class Sessions:
             if session is not None and session.summary:
                 kept, dropped = context.fit(messages, tokens, **limits, summary=session.summary,
                                             summary_tokens=session.summary_tokens)
-        if not dropped and len(kept) == len(messages):
+        if len(kept) == len(messages) and all(a is b for a, b in zip(kept, messages, strict=True)):
             return body
         log.debug("left %d of %d messages out to fit the context", dropped, len(messages))
         return {**body, "messages": kept}

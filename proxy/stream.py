@@ -1,220 +1,21 @@
-"""Pure and incremental: the `<memory>` block taken out of answers, whole or streamed, split at any byte.
+"""Pure and incremental: the `<memory>` block taken out of chat completions, whole or streamed, split at any byte.
 
-    SSEDecoder         bytes → SSEEvent, by the WHATWG event-stream rules
-    BlockFilter        text → visible text; holds back only what could still start an opening tag
     ChatStreamFilter   an OpenAI chat.completion.chunk stream → the same stream without blocks, per choice
     filter_completion  a whole chat.completion body → the same body without blocks
 
-Both paths use the same BlockFilter, so a streamed answer and a whole one come out exactly alike.
+Both use proxy/blocks.py's BlockFilter on each choice's text (and proxy/sse.py to read the stream), so a streamed
+answer and a whole one come out exactly alike.
 """
 
 from __future__ import annotations
 
-import codecs
-import re
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from proxy.extract import CLOSE_TAG, CLOSE_TAG_MAX, OPEN_TAG, OPEN_TAG_MAX, OPEN_TAG_START
-
-Span = tuple[int, int]
-LINE_END = re.compile(r"\r\n|\r|\n")
-
-
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
-    """One event, or one comment line (`comment` set, nothing else). `data` is None when no data line came."""
-
-    data: str | None = None
-    event: str | None = None
-    id: str | None = None
-    retry: int | None = None
-    comment: str | None = None
-
-    def encode(self) -> bytes:
-        lines = []
-        if self.comment is not None:
-            lines += [f": {line}" if line else ":" for line in LINE_END.split(self.comment)]
-        if self.event is not None:
-            lines.append(f"event: {self.event}")
-        if self.id is not None:
-            lines.append(f"id: {self.id}")
-        if self.retry is not None:
-            lines.append(f"retry: {self.retry}")
-        if self.data is not None:
-            lines += [f"data: {line}" for line in LINE_END.split(self.data)]
-        return ("\n".join(lines) + "\n\n").encode() if lines else b""
-
-
-class SSEDecoder:
-    """`decode(bytes) -> events`, `flush() -> events`. Lenient at the very end only: an event the stream ends
-    without its blank line is still delivered by flush() rather than lost."""
-
-    def __init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._started = False  # a BOM is dropped only at the very start
-        self._after_cr = False  # a LF right after a CR ends no second line, even in the next read
-        self._partial: list[str] = []
-        self._data: list[str] = []
-        self._event: str | None = None
-        self._id: str | None = None
-        self._retry: int | None = None
-
-    def decode(self, chunk: bytes) -> list[SSEEvent]:
-        return self._feed(self._utf8.decode(chunk))
-
-    def flush(self) -> list[SSEEvent]:
-        events = self._feed(self._utf8.decode(b"", final=True))
-        if self._partial:
-            self._line("".join(self._partial), events)
-            self._partial.clear()
-        self._dispatch(events)
-        return events
-
-    def _feed(self, text: str) -> list[SSEEvent]:
-        events: list[SSEEvent] = []
-        if not text:
-            return events
-        if not self._started:
-            self._started = True
-            text = text.removeprefix("\ufeff")
-        if self._after_cr and text.startswith("\n"):
-            text = text[1:]
-        self._after_cr = False
-        start = 0
-        for match in LINE_END.finditer(text):
-            line = text[start:match.start()]
-            if self._partial:
-                line = "".join(self._partial) + line
-                self._partial.clear()
-            self._line(line, events)
-            start = match.end()
-        if start < len(text):
-            self._partial.append(text[start:])
-        elif text.endswith("\r"):
-            self._after_cr = True
-        return events
-
-    def _line(self, line: str, events: list[SSEEvent]) -> None:
-        if not line:
-            self._dispatch(events)
-            return
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if not name:
-            events.append(SSEEvent(comment=value))  # at once: keep-alives must not wait for the next event
-        elif name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id":
-            if "\0" not in value:
-                self._id = value
-        elif name == "retry" and value.isascii() and value.isdigit():
-            self._retry = int(value)
-
-    def _dispatch(self, events: list[SSEEvent]) -> None:
-        # Unlike a browser, a proxy keeps events without data: their id or retry still matter to the client.
-        if self._data or self._event is not None or self._id is not None or self._retry is not None:
-            events.append(SSEEvent("\n".join(self._data) if self._data else None, self._event, self._id, self._retry))
-        self._data, self._event, self._id, self._retry = [], None, None, None
-
-
-class BlockFilter:
-    """`feed(text) -> visible`, `flush() -> visible`; `.blocks` holds the bodies taken out.
-
-    Every character goes out at once except what could still start an opening tag: at most that partial tag
-    plus the whitespace run before it (whitespace right before a block is removed with it). `.released` lists
-    the input spans, as offsets into everything fed, that the last call let through.
-    """
-
-    def __init__(self) -> None:
-        self.blocks: list[str] = []
-        self.unclosed = False
-        self.consumed = 0
-        self.released: list[Span] = []
-        self._held = ""
-        self._inside = False
-        self._body: list[str] = []
-        self._tail = ""  # the end of the body, where a closing tag split across reads begins
-
-    @property
-    def held(self) -> str:
-        """The text held back: it could still be the start of a block."""
-        return self._held
-
-    @property
-    def inside(self) -> bool:
-        return self._inside
-
-    def feed(self, text: str) -> str:
-        base = self.consumed - len(self._held)  # where `buffer` starts in everything fed
-        self.consumed += len(text)
-        self.released = []
-        buffer, self._held = self._held + text, ""
-        visible: list[str] = []
-        position = 0
-        while position < len(buffer):
-            if self._inside:
-                position = self._swallow(buffer, position)
-                continue
-            tag = OPEN_TAG.search(buffer, position)
-            if tag:
-                self._release(buffer, position, _before_space(buffer, position, tag.start()), base, visible)
-                self._inside = True
-                position = tag.end()
-                continue
-            keep = _before_space(buffer, position, _tag_start(buffer, position))
-            self._release(buffer, position, keep, base, visible)
-            self._held = buffer[keep:]
-            break
-        return "".join(visible)
-
-    def flush(self) -> str:
-        """End of text: held text is released, an unclosed block is captured (and never shown)."""
-        self.released = []
-        visible = self._held
-        if visible:
-            self.released.append((self.consumed - len(visible), self.consumed))
-        elif self._inside:
-            self.blocks.append("".join(self._body))
-            self.unclosed = True
-        self._held, self._inside, self._body, self._tail = "", False, [], ""
-        return visible
-
-    def _release(self, buffer: str, start: int, end: int, base: int, visible: list[str]) -> None:
-        if end > start:
-            visible.append(buffer[start:end])
-            self.released.append((base + start, base + end))
-
-    def _swallow(self, buffer: str, position: int) -> int:
-        """Take block text up to and including the closing tag; returns where visible text resumes."""
-        window = self._tail + buffer[position:]
-        close = CLOSE_TAG.search(window)
-        if close is None:
-            self._body.append(buffer[position:])
-            self._tail = window[-(CLOSE_TAG_MAX - 1):]
-            return len(buffer)
-        carried = len(self._tail)  # the tail is the end of the body already kept, seen again
-        body = "".join(self._body) + buffer[position:]
-        self.blocks.append(body[:len(body) - len(window) + close.start()])
-        self._inside, self._body, self._tail = False, [], ""
-        return position + close.end() - carried
-
-
-def _tag_start(buffer: str, position: int) -> int:
-    """Where the unfinished opening tag at the end of `buffer` begins, or len(buffer) if there is none."""
-    start = buffer.rfind("<", max(position, len(buffer) - OPEN_TAG_MAX))
-    return start if start >= 0 and OPEN_TAG_START.fullmatch(buffer, start) else len(buffer)
-
-
-def _before_space(buffer: str, position: int, end: int) -> int:
-    while end > position and buffer[end - 1].isspace():
-        end -= 1
-    return end
+from proxy.blocks import MAX_BLOCK, BlockFilter, Span
+from proxy.sse import MAX_EVENT, SSEDecoder, SSEEvent
 
 
 class ChatStreamFilter:
@@ -224,11 +25,16 @@ class ChatStreamFilter:
     Only `delta.content` changes (per choice, through that choice's BlockFilter). Events needing no change go
     out as they came; a chunk left with nothing but swallowed content is dropped; text held back for a choice
     comes out in its finish_reason chunk, or in a chunk of its own at [DONE] or flush().
+
+    An event longer than `max_event` characters is not filtered, nor buffered: the text held back so far goes
+    out, then the rest of the stream is relayed byte for byte (`.relaying` turns true).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_event: int = MAX_EVENT, max_block: int = MAX_BLOCK) -> None:
         self.saw_done = False
-        self._sse = SSEDecoder()
+        self.relaying = False
+        self.max_block = max_block
+        self._sse = SSEDecoder(max_event)
         self._choices: dict[int, _Choice] = {}
         self._last: dict[str, Any] = {}  # the last chunk's id, object, created, model: for chunks of our own
 
@@ -239,9 +45,17 @@ class ChatStreamFilter:
                 if state.filter.blocks}
 
     def decode(self, chunk: bytes) -> list[bytes]:
-        return self._send(self._sse.decode(chunk))
+        if self.relaying:
+            return [chunk] if chunk else []
+        out = self._send(self._sse.decode(chunk))
+        if self._sse.overflowed:
+            self.relaying = True
+            out += [*self._release_all(), self._sse.spill()]
+        return out
 
     def flush(self) -> list[bytes]:
+        if self.relaying:
+            return []
         return self._send(self._sse.flush()) + self._release_all()
 
     def _send(self, events: list[SSEEvent]) -> list[bytes]:
@@ -285,9 +99,9 @@ class ChatStreamFilter:
         if not isinstance(content, str) and not finishing:
             return choice
         # An odd index still gets a filter of its own: content is never let through unfiltered.
-        state = self._choices.setdefault(index if isinstance(index, int) else position, _Choice())
+        state = self._choices.setdefault(index if isinstance(index, int) else position, _Choice(self.max_block))
         text = content if isinstance(content, str) else ""
-        untouched = not state.filter.held and not state.logprobs
+        untouched = not state.filter.undecided and not state.logprobs
         start = state.filter.consumed
         visible = state.filter.feed(text)
         released = state.filter.released
@@ -300,7 +114,7 @@ class ChatStreamFilter:
         entries = logprobs.get("content") if isinstance(logprobs, dict) else None
         if isinstance(entries, list):
             state.logprobs.track(entries, text, start)
-        kept = state.logprobs.settle(released, state.filter.consumed - len(state.filter.held))
+        kept = state.logprobs.settle(released, state.filter.consumed - state.filter.undecided)
         new = dict(choice)
         if isinstance(content, str) or visible:
             new["delta"] = {**delta, "content": visible} if isinstance(delta, dict) else {"content": visible}
@@ -327,8 +141,8 @@ EMPTY: tuple[Any, ...] = (None, "", [], {})
 
 
 class _Choice:
-    def __init__(self) -> None:
-        self.filter = BlockFilter()
+    def __init__(self, max_block: int) -> None:
+        self.filter = BlockFilter(max_block)
         self.logprobs = _Logprobs()
 
 
@@ -345,7 +159,7 @@ def _meaningful(choice: Any) -> bool:
     return any(value not in EMPTY for key, value in choice.items() if key not in ("index", "delta", "logprobs"))
 
 
-def filter_completion(body: dict[str, Any]) -> tuple[dict[str, Any], dict[int, list[str]]]:
+def filter_completion(body: dict[str, Any], max_block: int = MAX_BLOCK) -> tuple[dict[str, Any], dict[int, list[str]]]:
     """A whole `chat.completion` without blocks (and the whitespace before them), logprobs trimmed alike; the
     blocks per choice index. `body` is not modified; it is returned as is when it held no block."""
     choices = body.get("choices")
@@ -359,7 +173,7 @@ def filter_completion(body: dict[str, Any]) -> tuple[dict[str, Any], dict[int, l
             filtered.append(choice)
             continue
         content: str = message["content"]
-        text_filter = BlockFilter()
+        text_filter = BlockFilter(max_block)
         visible = text_filter.feed(content)
         released = text_filter.released
         visible += text_filter.flush()
@@ -436,10 +250,3 @@ def _running(lengths: list[int], include_self: int) -> list[int]:
         offsets.append(total + length * include_self)
         total += length
     return offsets
-
-
-def strip_blocks(text: str) -> tuple[str, list[str]]:
-    """A whole text without its blocks, and the blocks: exactly what streaming it would give."""
-    blocks = BlockFilter()
-    visible = blocks.feed(text) + blocks.flush()
-    return visible, blocks.blocks

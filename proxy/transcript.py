@@ -13,10 +13,11 @@ from typing import Any
 
 import orjson
 
+from proxy.blocks import BlockFilter
 from proxy.context import is_system
 from proxy.rewrite import message_text
+from proxy.sse import SSEDecoder
 from proxy.store.sessions import Message, NewChunk
-from proxy.stream import BlockFilter, SSEDecoder
 
 KEPT = ("role", "content", "name", "tool_calls", "tool_call_id")
 CHUNK_MESSAGES = 4  # a chunk: the turn and the one before it, so an answer is found with its question

@@ -31,6 +31,7 @@ HOP_BY_HOP = frozenset({
     b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host",
 })
 PROXY_HEADER_PREFIX = b"x-memory-"
+AZURE_PREFIX = "/openai/"
 RawHeaders = list[tuple[bytes, bytes]]
 
 
@@ -71,14 +72,16 @@ class Upstream:
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base = settings.upstream_base
+        self.origin = str(httpx.URL(self.base).copy_with(path="/", query=None)).rstrip("/")
         self.key = settings.upstream_key
         self.timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
                                      write=settings.write_timeout, pool=settings.pool_timeout).as_dict()
         self.transport = transport or h1_transport(settings)
 
     def url(self, path: str, query: bytes = b"") -> str:
-        """`path` is what follows /v1 in the client's request: /v1/models → <upstream>/models."""
-        url = self.base + path
+        """`path` is what follows /v1 in the client's request: /v1/models → <upstream>/models. Azure's classic
+        routes, /openai/deployments/..., keep their whole path on the upstream's origin (scheme, host, port)."""
+        url = (self.origin if path.startswith(AZURE_PREFIX) else self.base) + path
         return url + "?" + query.decode("latin-1") if query else url
 
     async def send(self, method: str, path: str, query: bytes, headers: RawHeaders,

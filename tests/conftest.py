@@ -11,6 +11,7 @@ import pytest
 from proxy import config
 from proxy.app import create_app
 from proxy.config import Settings
+from proxy.server import UVICORN_OPTIONS
 from tests.fakeupstream import FakeUpstream
 from tests.servers import running
 
@@ -26,6 +27,9 @@ def upstream() -> Iterator[tuple[FakeUpstream, str]]:
 @pytest.fixture
 def settings_for(tmp_path: Path) -> Callable[..., Settings]:
     def make(upstream_url: str, **overrides: Any) -> Settings:
+        # Recall answers within 50 ms on a quiet machine, not on a loaded CI runner: tests that assert what was
+        # recalled must not fail open for lack of time. The budget itself is tested with budgets of its own.
+        overrides = {"recall_budget_ms": 5000.0, **overrides}
         return config.load(environ={"HOME": str(tmp_path)},
                            overrides={"upstream": upstream_url, "data_dir": str(tmp_path / "data"), **overrides})
     return make
@@ -36,7 +40,7 @@ def start_proxy() -> Iterator[Callable[..., str]]:
     """Start a real proxy server for the given settings; returns its base URL. Stopped at the test's end."""
     with ExitStack() as stack:
         def start(settings: Settings, **app_options: Any) -> str:
-            return stack.enter_context(running(create_app(settings, **app_options)))
+            return stack.enter_context(running(create_app(settings, **app_options), **UVICORN_OPTIONS))
         yield start
 
 

@@ -7,6 +7,7 @@ It records every request it receives and answers chat completions from a script 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,18 +44,32 @@ class Reply:
     error: dict[str, Any] | None = None
     drop_after: int | None = None  # cut the connection after this many stream chunks
     delay: float = 0.0  # seconds between stream chunks
+    media_type: str | None = None  # a server that labels its stream (or body) wrongly
+    tool_calls: list[dict[str, Any]] | None = None  # the model calls these tools (content null)
+
+
+# What real chat templates say when a request's role layout does not fit them (vLLM / llama.cpp / Ollama
+# render the template and answer 400 with the template's own exception text).
+TEMPLATE_ERRORS = {
+    "qwen3": "System message must be at the beginning.",  # Qwen2.5/Qwen3 templates
+    "no-system": "System role not supported",  # Gemma-style templates
+}
 
 
 class FakeUpstream:
-    def __init__(self) -> None:
+    def __init__(self, template: str | None = None) -> None:
+        self.template = template
         self.requests: list[Recorded] = []
         self.replies: deque[Reply] = deque()
         self.streams_open = 0
         self.streams_closed = 0
+        self.sent_at: list[float] = []  # when each content chunk of a stream was sent (time.monotonic())
         self.app = Starlette(routes=[
             Route("/v1/models", self.models),
             Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/openai/deployments/{deployment}/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/deployments/{deployment}/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/slow", self.slow),
             Route("/v1/{path:path}", self.echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ])
@@ -70,7 +85,16 @@ class FakeUpstream:
 
     @property
     def chats(self) -> list[Recorded]:
-        return [r for r in self.requests if r.path == "/v1/chat/completions"]
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    def refused(self, messages: list[Any]) -> str | None:
+        """The template's error for this role layout, or None when it renders."""
+        roles = [m.get("role") for m in messages if isinstance(m, dict)]
+        if self.template == "qwen3" and any(role == "system" for role in roles[1:]):
+            return TEMPLATE_ERRORS["qwen3"]
+        if self.template == "no-system" and any(role in ("system", "developer") for role in roles):
+            return TEMPLATE_ERRORS["no-system"]
+        return None
 
     async def models(self, request: Request) -> Response:
         await self.record(request)
@@ -96,6 +120,10 @@ class FakeUpstream:
 
     async def chat(self, request: Request) -> Response:
         body = (await self.record(request)).json()
+        refused = self.refused(body["messages"])
+        if refused:
+            return JSONResponse({"error": {"message": refused, "type": "BadRequestError", "param": None,
+                                           "code": 400}}, status_code=400)
         reply = self.replies.popleft() if self.replies else Reply()
         if reply.status != 200:
             error = reply.error or {"message": "fake error", "type": "rate_limit_error", "param": None,
@@ -105,13 +133,16 @@ class FakeUpstream:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(self.stream(body, texts, reply, include_usage),
-                                     media_type="text/event-stream", headers=reply.headers)
-        return JSONResponse({
+                                     media_type=reply.media_type or "text/event-stream", headers=reply.headers)
+        messages = [{"role": "assistant", "content": None if reply.tool_calls else t, "refusal": None,
+                     **({"tool_calls": reply.tool_calls} if reply.tool_calls else {})} for t in texts]
+        return Response(orjson.dumps({
             "id": "chatcmpl-fake", "object": "chat.completion", "created": CREATED, "model": body["model"],
-            "choices": [{"index": i, "message": {"role": "assistant", "content": t, "refusal": None},
-                         "logprobs": None, "finish_reason": "stop"} for i, t in enumerate(texts)],
+            "choices": [{"index": i, "message": message, "logprobs": None,
+                         "finish_reason": "tool_calls" if reply.tool_calls else "stop"}
+                        for i, message in enumerate(messages)],
             "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-        }, headers=reply.headers)
+        }), headers=reply.headers, media_type=reply.media_type or "application/json")
 
     async def stream(self, body: dict[str, Any], texts: list[str], reply: Reply, include_usage: bool):  # type: ignore[no-untyped-def]
         self.streams_open += 1
@@ -125,6 +156,12 @@ class FakeUpstream:
         try:
             for i in range(len(texts)):
                 yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            if reply.tool_calls:
+                for i in range(len(texts)):
+                    for n, call in enumerate(reply.tool_calls):
+                        yield event([{"index": i, "delta": {"tool_calls": [{"index": n, **call}]},
+                                      "finish_reason": None}])
+                texts = [""] * len(texts)
             pieces = [[t[j:j + reply.chunk_size] for j in range(0, len(t), reply.chunk_size)] for t in texts]
             for step in range(max(map(len, pieces), default=0)):
                 for i, parts in enumerate(pieces):
@@ -132,11 +169,12 @@ class FakeUpstream:
                         if reply.drop_after is not None and sent >= reply.drop_after:
                             raise ConnectionResetError("fake upstream drops the stream")
                         yield event([{"index": i, "delta": {"content": parts[step]}, "finish_reason": None}])
+                        self.sent_at.append(time.monotonic())
                         sent += 1
                         if reply.delay:
                             await asyncio.sleep(reply.delay)
             for i in range(len(texts)):
-                yield event([{"index": i, "delta": {}, "finish_reason": "stop"}])
+                yield event([{"index": i, "delta": {}, "finish_reason": "tool_calls" if reply.tool_calls else "stop"}])
             if include_usage:
                 yield event([], usage={"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12})
             yield b"data: [DONE]\n\n"

@@ -11,7 +11,9 @@ import openai
 import pytest
 
 from proxy.config import Settings
+from proxy.extract import INSTRUCTION
 from tests.fakeupstream import FakeUpstream, Reply
+from tests.injected import memories_sent
 
 Upstream = tuple[FakeUpstream, str]
 
@@ -36,10 +38,8 @@ def memories(proxy: str, user: str, expect: int | None = None) -> list[str]:
 
 
 def sent_memories(fake: FakeUpstream) -> str:
-    """The memories message the upstream received in the last chat, or ''."""
-    messages = fake.chats[-1].json()["messages"]
-    return "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str)
-                     and m["content"].startswith("<memories>"))
+    """The memories the upstream received in the last chat, or ''."""
+    return memories_sent(fake.chats[-1].json()["messages"])
 
 
 @pytest.fixture
@@ -55,8 +55,9 @@ def test_turn_one_stores_the_fact_and_the_client_never_sees_the_block(client: op
     assert answer.parse().choices[0].message.content == "Noted, no meat then!"
     assert answer.headers["x-memory-recalled"] == "0"
     assert memories(proxy, "alice", expect=1) == ["User is vegetarian"]
-    system = fake.chats[-1].json()["messages"][0]
-    assert system["role"] == "system" and "<memory>" in system["content"]
+    sent = fake.chats[-1].json()["messages"]
+    assert [m["role"] for m in sent] == ["user"]  # no message of ours: the instruction joins the user's
+    assert sent[0]["content"] == INSTRUCTION + "\n\nI'm vegetarian."
     assert "x-memory-user" not in fake.chats[-1].headers
 
 

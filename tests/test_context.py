@@ -18,6 +18,7 @@ from proxy.context import (
     budget_for,
     fit,
     parse_budgets,
+    summary_message,
     trim,
     turns,
     with_summary,
@@ -107,12 +108,13 @@ def test_trim_properties(roles: list[str], costs: list[int], budget: int, window
             assert sum(len(g) for g in grouped if set(g) <= set(kept)) <= max(window, len(grouped[-1]))
 
 
-def test_the_summary_goes_right_after_the_first_system_message_in_its_role() -> None:
+def test_the_summary_joins_a_message_the_client_sent_and_adds_none() -> None:
     messages = [msg("developer", "rules"), msg("system", "more"), msg("user", "hi")]
     out = with_summary(messages, "we talked")
-    assert out[1] == {"role": "developer", "content": SUMMARY_HEADER + "we talked"}
-    assert out[0] is messages[0] and out[2:] == messages[1:]
-    assert with_summary([msg("user", "hi")], "s")[0] == {"role": "system", "content": SUMMARY_HEADER + "s"}
+    assert out[0] == {"role": "developer", "content": "rules\n\n" + SUMMARY_HEADER + "we talked"}
+    assert out[1:] == messages[1:]
+    assert with_summary([msg("user", "hi")], "s") == [{"role": "user", "content": SUMMARY_HEADER + "s\n\nhi"}]
+    assert with_summary([msg("assistant", "a")], "s") == [msg("assistant", "a")]  # nowhere to put it
 
 
 def test_fit_puts_the_summary_in_where_turns_were_left_out_and_counts_it() -> None:
@@ -120,10 +122,10 @@ def test_fit_puts_the_summary_in_where_turns_were_left_out_and_counts_it() -> No
     tokens = COUNTER.messages(messages)
     everything = PRIMING + sum(tokens)
     summary = "the user asked three questions"
-    summary_tokens = COUNTER.messages([with_summary([], summary)[0]])[0]
+    summary_tokens = COUNTER.messages([summary_message(summary)])[0]
     assert fit(messages, tokens, budget=everything, summary=summary, summary_tokens=summary_tokens) == (messages, 0)
     sent, dropped = fit(messages, tokens, budget=everything - 1, summary=summary, summary_tokens=summary_tokens)
-    assert sent[1]["content"] == SUMMARY_HEADER + summary and dropped >= 2
+    assert sent[0]["content"] == messages[0]["content"] + "\n\n" + SUMMARY_HEADER + summary and dropped >= 2
     assert COUNTER.total(sent) <= everything - 1
     always, none_dropped = fit(messages, tokens, summary=summary, summary_tokens=summary_tokens, always_summary=True)
     assert none_dropped == 0 and always == with_summary(messages, summary)

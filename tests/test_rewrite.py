@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.models import Hit, Memory
+from proxy.plan import plan
 from proxy.rewrite import last_user_text, quote, render_memories, rewrite
 
 INSTRUCTION = "Append a <memory> block when the user reveals a durable fact."
@@ -32,25 +33,30 @@ def test_last_user_text_handles_strings_and_parts() -> None:
     assert last_user_text([{"role": "user", "content": None}]) == ""
 
 
-def test_instruction_appended_to_system_and_memories_before_last_user() -> None:
+def put(body: dict[str, Any], hits: list[Hit], placement: str = "user") -> tuple[dict[str, Any], dict[str, str]]:
+    return rewrite(body, hits, plan(body, placement), instruction=INSTRUCTION)
+
+
+def test_instruction_ends_the_system_message_and_memories_open_the_last_user_message() -> None:
     body = {"model": "m", "messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "I moved."},
         {"role": "assistant", "content": "Where to?"},
         {"role": "user", "content": "Porto."},
     ], "tools": [{"type": "function", "function": {"name": "f"}}], "n": 2, "x_unknown": {"a": 1},
-        "stream_options": {"include_usage": True}, "response_format": {"type": "json_object"}, "logprobs": True}
+        "stream_options": {"include_usage": True}, "logprobs": True}
     original = copy.deepcopy(body)
-    out, aliases = rewrite(body, [hit("User lives in Lisbon", id="real-1")], instruction=INSTRUCTION)
+    out, aliases = put(body, [hit("User lives in Lisbon", id="real-1")])
     assert body == original  # pure
     msgs = out["messages"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]  # the client's layout, always
     assert msgs[0] == {"role": "system", "content": "Be brief.\n\n" + INSTRUCTION}
     assert msgs[1:3] == original["messages"][1:3]  # earlier turns untouched
-    assert msgs[3]["role"] == "system" and '"User lives in Lisbon"' in msgs[3]["content"]
-    assert "[m1] (fact)" in msgs[3]["content"]
-    assert msgs[4] == original["messages"][3]
+    memories, question = msgs[3]["content"].split("\n\n")
+    assert memories.startswith("<memories>") and '[m1] (fact) "User lives in Lisbon"' in memories
+    assert question == "Porto."
     assert aliases == {"m1": "real-1"}
-    for key in ("tools", "n", "x_unknown", "stream_options", "response_format", "logprobs", "model"):
+    for key in ("tools", "n", "x_unknown", "stream_options", "logprobs", "model"):
         assert out[key] == original[key]
 
 
@@ -58,25 +64,44 @@ def test_prefix_is_stable_from_turn_to_turn() -> None:
     turn1 = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}]}
     turn2 = {"messages": [*turn1["messages"], {"role": "assistant", "content": "b"},
                           {"role": "user", "content": "c"}]}
-    out1, _ = rewrite(turn1, [hit("x")], instruction=INSTRUCTION)
-    out2, _ = rewrite(turn2, [hit("y")], instruction=INSTRUCTION)
+    out1, _ = put(turn1, [hit("x")])
+    out2, _ = put(turn2, [hit("y")])
     assert out2["messages"][0] == out1["messages"][0]  # the cached prefix: the system message with instruction
-    assert out2["messages"][1] == turn1["messages"][1]
+    assert out2["messages"][1:3] == turn2["messages"][1:3]
 
 
-def test_no_system_message_gets_one_and_developer_role_is_kept() -> None:
-    out, _ = rewrite({"messages": [{"role": "user", "content": "hi"}]}, [], instruction=INSTRUCTION)
-    assert out["messages"] == [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": "hi"}]
+def test_without_a_system_message_none_is_added() -> None:
+    out, _ = put({"messages": [{"role": "user", "content": "hi"}]}, [hit("User is Ann")])
+    assert [m["role"] for m in out["messages"]] == ["user"]
+    memories, instruction, question = out["messages"][0]["content"].split("\n\n")
+    assert memories.startswith("<memories>") and instruction == INSTRUCTION and question == "hi"
+
+
+def test_parts_get_text_parts_and_the_developer_role_is_kept() -> None:
     body = {"messages": [{"role": "developer", "content": [{"type": "text", "text": "rules"}]},
-                         {"role": "user", "content": "hi"}]}
-    out, _ = rewrite(body, [hit("fact")], instruction=INSTRUCTION)
-    assert out["messages"][0]["content"] == [{"type": "text", "text": "rules"}, {"type": "text", "text": INSTRUCTION}]
-    assert out["messages"][1]["role"] == "developer"  # memories speak in the role the client uses
+                         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}},
+                                                      {"type": "text", "text": "what is this?"}]}]}
+    out, _ = put(body, [hit("fact")])
+    assert out["messages"][0] == {"role": "developer", "content": [{"type": "text", "text": "rules"},
+                                                                   {"type": "text", "text": INSTRUCTION}]}
+    first, *rest = out["messages"][1]["content"]
+    assert first["type"] == "text" and first["text"].startswith("<memories>") and rest == body["messages"][1]["content"]
 
 
-def test_nothing_recalled_injects_no_memories_message() -> None:
-    out, aliases = rewrite({"messages": [{"role": "user", "content": "hi"}]}, [], instruction=INSTRUCTION)
-    assert len(out["messages"]) == 2 and aliases == {}
+def test_system_placement_puts_memories_after_the_instruction() -> None:
+    body = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}]}
+    out, _ = put(body, [hit("User is Ann")], placement="system")
+    instructions, instruction, memories = out["messages"][0]["content"].split("\n\n")
+    assert (instructions, instruction) == ("S", INSTRUCTION) and memories.startswith("<memories>")
+    assert out["messages"][1] == body["messages"][1]
+    alone, _ = put({"messages": [{"role": "user", "content": "q"}]}, [hit("User is Ann")], placement="system")
+    assert alone["messages"][0]["content"].startswith("<memories>")  # no system message: the user's, as by default
+
+
+def test_nothing_to_add_returns_the_body_itself() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}
+    out, aliases = put(body, [])
+    assert out is body and aliases == {}
 
 
 def test_cap_keeps_best_ranked_that_fit() -> None:
@@ -103,5 +128,5 @@ def test_forged_tags_are_neutralised() -> None:
 
 def test_messages_that_are_not_objects_are_left_alone() -> None:
     body: dict[str, Any] = {"messages": ["weird", {"role": "user", "content": "hi"}]}
-    out, _ = rewrite(body, [hit("f")], instruction=INSTRUCTION)
-    assert out["messages"][1] == "weird"
+    out, _ = put(body, [hit("f")])
+    assert out["messages"][0] == "weird"

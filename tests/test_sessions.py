@@ -18,6 +18,7 @@ from proxy.config import Settings
 from proxy.context import SUMMARY_HEADER, TokenCounter
 from proxy.extract import INSTRUCTION
 from tests.fakeupstream import FakeUpstream, Recorded, Reply
+from tests.injected import client_text, memories_sent
 from tests.pgserver import postgres_databases, postgres_location, postgres_server  # noqa: F401
 from tests.servers import running
 
@@ -76,7 +77,9 @@ def say(client: openai.OpenAI, text: str, *, user: str = "ann", session: str = "
 
 
 def talk(recorded: Recorded) -> list[tuple[str, str]]:
-    return [(m["role"], m["content"]) for m in recorded.json()["messages"] if m["role"] in ("user", "assistant")]
+    """The conversation the upstream received, as the client wrote it (the proxy's additions taken out)."""
+    return [(m["role"], client_text(m["content"])) for m in recorded.json()["messages"]
+            if m["role"] in ("user", "assistant")]
 
 
 def stored(proxy: str, user: str, session: str, expect: int) -> dict[str, Any]:
@@ -120,6 +123,7 @@ def test_a_client_sending_one_message_at_a_time_gets_the_whole_conversation(
             ("user", "What should I eat there?"), ("assistant", "Try the pastéis de nata."),
             ("user", "What did I just ask you?")]
         assert sent[1] == {"role": "user", "content": "I'm planning a trip to Lisbon."}  # history after the system
+        assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "assistant", "user"]
         upstream.reply("Hello.")
         say(client, "Hi, new topic.", session="s2")
         assert talk(upstream.talks[-1]) == [("user", "Hi, new topic.")]
@@ -140,6 +144,7 @@ def test_store_mode_keeps_the_turns_and_the_api_shows_them(fake: tuple[Upstream,
             client.chat.completions.create(model="m", messages=history, user="bob", metadata={"session_id": "chat-7"})
             history.append({"role": "assistant", "content": answer})
     assert talk(upstream.talks[-1]) == [(m["role"], m["content"]) for m in history[1:-1]]  # nothing added
+    assert upstream.talks[-1].json()["messages"][1:3] == history[1:3]  # earlier turns as they came
     session = stored(proxy, "bob", "chat-7", expect=4)
     assert [(m["seq"], m["role"], m["content"]) for m in session["data"]] == [
         (1, "user", "Where is Porto?"), (2, "assistant", "In Portugal."),
@@ -175,11 +180,14 @@ def test_two_hundred_turns_stay_within_the_budget_with_the_summary_present(fake:
     assert max(counter.total(messages) for messages in sent) <= budget
     assert counter.total(conversation) > 15 * budget  # what the whole conversation would cost
     last = sent[-1]
-    assert last[-1]["content"].startswith("Question 199:") and last[0]["content"] == INSTRUCTION
-    assert last[1]["role"] == "system" and last[1]["content"].startswith(SUMMARY_HEADER + "Summary v")
+    # No system message of ours: the summary opens the first user message kept, the instruction the last one.
+    assert [m["role"] for m in last[::2]] == ["user"] * len(last[::2]) and last[-1]["role"] == "user"
+    assert last[-1]["content"].startswith(INSTRUCTION) and last[-1]["content"].endswith(
+        "\n\nQuestion 199: what can you tell me about topic 199 in two sentences?")
+    assert last[0]["content"].startswith(SUMMARY_HEADER + "Summary v")
     assert ("assistant", "Answer 198: topic 198 is a fine subject with a long history and many details.") in talk(
         upstream.talks[-1])  # the recent turns verbatim
-    assert sum(1 for messages in sent if messages[1]["content"].startswith(SUMMARY_HEADER)) > 150
+    assert sum(1 for messages in sent if messages[0]["content"].startswith(SUMMARY_HEADER)) > 150
     calls = [r.json()["messages"][1]["content"] for r in upstream.summaries]
     assert len(calls) >= 10
     assert all(f"Summary v{n}:" in call for n, call in enumerate(calls[1:], start=1))  # the summary is extended
@@ -206,8 +214,9 @@ def test_store_mode_puts_the_summary_where_a_budget_cut_the_turns(fake: tuple[Up
         history.append({"role": "user", "content": "And tomorrow?"})
         say(client, "", messages=history)
     sent = upstream.talks[-1].json()["messages"]
-    assert sent[1]["content"].startswith(SUMMARY_HEADER + "Summary v1")
-    assert sent[-1] == history[-1] and len(sent) < len(history) and TokenCounter().total(sent) <= 300
+    assert sent[0]["role"] == "user" and sent[0]["content"].startswith(SUMMARY_HEADER + "Summary v1")
+    assert client_text(sent[-1]["content"]) == history[-1]["content"] and len(sent) < len(history)
+    assert TokenCounter().total(sent) <= 300
 
 
 def test_a_past_conversation_is_found_by_a_paraphrased_question(fake: tuple[Upstream, str],
@@ -232,11 +241,11 @@ def test_a_past_conversation_is_found_by_a_paraphrased_question(fake: tuple[Upst
         upstream.reply("Same as before: install libssl3.")
         say(client, question, session="new")
         sent = upstream.talks[-1].json()["messages"]
-        memories = [m["content"] for m in sent if m["content"].startswith("<memories>")]
-        assert len(memories) == 1 and "libssl3" in memories[0] and "leek" not in memories[0]
+        memories = memories_sent(sent)
+        assert memories.count("<memories>") == 1 and "libssl3" in memories and "leek" not in memories
         upstream.reply("Why did the chicken cross the road?")
         say(client, "Tell me a joke", session="new")
-        assert not any(m["content"].startswith("<memories>") for m in upstream.talks[-1].json()["messages"])
+        assert not memories_sent(upstream.talks[-1].json()["messages"])
 
 
 def test_erasing_a_user_removes_their_sessions_and_chunks(fake: tuple[Upstream, str],

@@ -1,7 +1,7 @@
 """Streaming: blocks never reach the client, whatever the split; everything else arrives at once and intact.
 
-Expected results come from how each answer was built (every character labelled visible or not), or from a
-whole-text regular expression written here independently of proxy.stream.
+Expected results come from how each answer was built (every character labelled visible or not: tests/test_blocks.py
+makes the answers), never from the code under test.
 """
 
 from __future__ import annotations
@@ -16,196 +16,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.stream import BlockFilter, ChatStreamFilter, SSEDecoder, SSEEvent, filter_completion, strip_blocks
-
-MARK = "§"  # appears in every block body and nowhere else: one leaked character is enough to fail
-
-# --- an independent reference ----------------------------------------------------------------------------------
-
-SP = "[ \t]{0,4}"
-REF_BLOCK = re.compile(rf"\s*<{SP}memory{SP}>(.*?)(?:(<{SP}/{SP}memory{SP}>)|\Z)", re.I | re.S)
-REF_HOLDABLE = re.compile(rf"\s*(?:<{SP}(?:m(?:e(?:m(?:o(?:r(?:y{SP})?)?)?)?)?)?)?\Z", re.I)
-
-
-def reference(text: str) -> tuple[str, list[str]]:
-    return REF_BLOCK.sub("", text), [m.group(1) for m in REF_BLOCK.finditer(text)]
-
-
-def expected_so_far(prefix: str) -> str:
-    """What must have been sent once `prefix` has arrived: everything visible except a possible tag start."""
-    visible, _ = reference(prefix)
-    last = None
-    for last in REF_BLOCK.finditer(prefix):  # noqa: B007
-        pass
-    if last is not None and last.end() == len(prefix) and last.group(2) is None:
-        return visible  # inside a block
-    hold = REF_HOLDABLE.search(prefix)
-    assert hold is not None
-    return visible[:len(visible) - (len(prefix) - hold.start())]
-
-
-def run_filter(pieces: list[str]) -> tuple[list[str], str, BlockFilter]:
-    blocks = BlockFilter()
-    outputs = [blocks.feed(piece) for piece in pieces]
-    return outputs, blocks.flush(), blocks
-
-
-def split(text: str, cuts: list[int]) -> list[str]:
-    bounds = [0, *sorted(cuts), len(text)]
-    return [text[a:b] for a, b in pairwise(bounds)]
-
-
-# --- answers built with a label for every character ------------------------------------------------------------
-
-@dataclass
-class Answer:
-    text: str
-    shown: list[bool]
-    blocks: list[str]
-    unclosed: bool
-
-    @property
-    def visible(self) -> str:
-        return "".join(c for c, shown in zip(self.text, self.shown, strict=True) if shown)
-
-
-LOOK_ALIKES = ["a < b", "<memo>", "<memoryx>", "<b>", "x<y", "</memory>", "< memory x>", "<memory/>", "<\nmemory>",
-               "<     memory>", "<memo ry>", "if a<b and c>d", "<<>", "<mem!", "<memory\n>", "<memory     >",
-               "< /memory>", "<-memory>", "< / memory >", "<memories>", "<Memory!"]
-BODY_LOOK_ALIKES = ["<memory>", "</memo>", "< /memoryx>", "<b>", "</memory x>", "<<>", '{"text": "x"}', "\n"]
-plain = st.text(st.characters(blacklist_characters="<" + MARK, blacklist_categories=("Cs",)), max_size=12)
-spaces = st.sampled_from([" ", "\n", "\n\n", "\t", "  ", " \n ", "\u00a0", "\u2003"])
-visible_atoms = st.one_of(plain, spaces, st.sampled_from(LOOK_ALIKES), st.sampled_from(["😀", "é", "日本", "ü "]))
-
-
-@st.composite
-def tags(draw: st.DrawFn, closing: bool = False) -> str:
-    space = st.text(" \t", max_size=4)
-    word = "".join(c.upper() if draw(st.booleans()) else c for c in "memory")
-    return "<" + draw(space) + ("/" + draw(space) if closing else "") + word + draw(space) + ">"
-
-
-@st.composite
-def answers(draw: st.DrawFn, max_parts: int = 8) -> Answer:
-    text: list[str] = []
-    shown: list[bool] = []
-    blocks: list[str] = []
-    unclosed = False
-    for _ in range(draw(st.integers(0, max_parts))):
-        if draw(st.integers(0, 3)) == 0:
-            body = MARK + "".join(draw(st.lists(st.one_of(plain, st.sampled_from(BODY_LOOK_ALIKES)), max_size=4)))
-            i = len(shown)
-            while i > 0 and shown[i - 1] and text[i - 1].isspace():  # whitespace before a block goes with it
-                shown[i - 1] = False
-                i -= 1
-            unclosed = draw(st.integers(0, 5)) == 0
-            hidden = draw(tags()) + body + ("" if unclosed else draw(tags(closing=True)))
-            text += hidden
-            shown += [False] * len(hidden)
-            blocks.append(body)
-            if unclosed:
-                break
-        else:
-            atom = draw(visible_atoms)
-            text += atom
-            shown += [True] * len(atom)
-    return Answer("".join(text), shown, blocks, unclosed)
-
-
-# --- BlockFilter -----------------------------------------------------------------------------------------------
-
-@settings(max_examples=1500, deadline=None)
-@given(answers(), st.data())
-def test_any_split_gives_exactly_the_visible_text(answer: Answer, data: st.DataObject) -> None:
-    cuts = data.draw(st.lists(st.integers(0, len(answer.text)), max_size=12))
-    outputs, tail, blocks = run_filter(split(answer.text, cuts))
-    visible = "".join(outputs) + tail
-    assert visible == answer.visible
-    assert MARK not in visible
-    assert blocks.blocks == answer.blocks and blocks.unclosed == answer.unclosed
-    assert strip_blocks(answer.text) == (answer.visible, answer.blocks)
-    assert reference(answer.text) == (answer.visible, answer.blocks)  # the reference agrees with the labels
-
-
-tagish = st.text(st.sampled_from(list("<>/ \t\nmemoryMEMOx§é😀")), max_size=60)
-
-
-@settings(max_examples=1500, deadline=None)
-@given(tagish, st.data())
-def test_every_character_goes_out_as_soon_as_it_cannot_start_a_tag(text: str, data: st.DataObject) -> None:
-    """After each piece, the output is the visible text so far minus, at most, a tag start and the whitespace
-    before it: nothing is held longer, nothing of a block is shown."""
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=10)))
-    blocks = BlockFilter()
-    sent = ""
-    for end, piece in zip([*cuts, len(text)], split(text, cuts), strict=True):
-        sent += blocks.feed(piece)
-        assert sent == expected_so_far(text[:end])
-        assert blocks.held == text[:end][len(text[:end]) - len(blocks.held):]
-    sent += blocks.flush()
-    assert (sent, blocks.blocks) == reference(text)
-
-
-def test_every_character_alone() -> None:
-    text = "Hi!  <memo> a<b\n\n< MEMORY >[1]</ memory >\tok <memory>x</memory><memory>§ unclosed </memo"
-    outputs, tail, blocks = run_filter(list(text))
-    assert "".join(outputs) + tail == "Hi!  <memo> a<b\tok"
-    assert blocks.blocks == ["[1]", "x", "§ unclosed </memo"] and blocks.unclosed
-    for end in range(len(text) + 1):
-        assert "".join(outputs[:end]) == expected_so_far(text[:end])
-
-
-REPRESENTATIVE = ("Sure, José! 😀 Tofu is a < b but <memo> isn't it.\n\n<Memory >\n"
-                  '[{"text": "User is vegetarian §"}]\n< / memory>\nAnd x<y. <memory>§2</memory>  ')
-
-
-def test_one_answer_split_at_every_boundary_and_every_pair_of_boundaries() -> None:
-    expected = ("Sure, José! 😀 Tofu is a < b but <memo> isn't it.\nAnd x<y.  ",
-                ['\n[{"text": "User is vegetarian §"}]\n', "§2"])
-    assert reference(REPRESENTATIVE) == expected
-    positions = range(len(REPRESENTATIVE) + 1)
-    for cuts in [*([i] for i in positions), *(list(pair) for pair in combinations(positions, 2))]:
-        outputs, tail, blocks = run_filter(split(REPRESENTATIVE, cuts))
-        assert ("".join(outputs) + tail, blocks.blocks) == expected, cuts
-
-
-@settings(max_examples=500, deadline=None)
-@given(tagish, st.data())
-def test_released_spans_point_at_what_was_sent(text: str, data: st.DataObject) -> None:
-    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=6))
-    blocks = BlockFilter()
-    for piece in split(text, cuts):
-        sent = blocks.feed(piece)
-        assert sent == "".join(text[a:b] for a, b in blocks.released)
-    assert blocks.flush() == "".join(text[a:b] for a, b in blocks.released)
-
-
-def test_text_is_shown_at_once_and_a_block_never() -> None:
-    blocks = BlockFilter()
-    assert blocks.feed("Hello") == "Hello"
-    assert blocks.feed(" wor") == " wor"
-    assert blocks.feed("ld ") == "ld"  # the space waits: a block may follow
-    assert blocks.feed("<") == ""
-    assert blocks.feed("b>") == " <b>"  # not a tag: out at once
-    assert blocks.feed("\n<mem") == ""
-    assert blocks.feed("ory>§") == ""
-    assert blocks.feed("</memory>\nBye") == "\nBye"
-    assert blocks.flush() == "" and blocks.blocks == ["§"] and not blocks.unclosed
-
-
-def test_an_unclosed_block_is_captured_at_flush_and_never_shown() -> None:
-    visible, bodies = strip_blocks("Noted.\n<memory>[{\"text\": \"§\"")
-    assert visible == "Noted." and bodies == ['[{"text": "§"']
-    blocks = BlockFilter()
-    blocks.feed("a <memory>b")
-    assert blocks.blocks == [] and not blocks.unclosed
-    assert blocks.flush() == "" and blocks.blocks == ["b"] and blocks.unclosed
-
-
-def test_held_text_comes_out_at_flush() -> None:
-    assert strip_blocks("keep <memor") == ("keep <memor", [])
-    assert strip_blocks("keep \n ") == ("keep \n ", [])
-
+from proxy.sse import SSEDecoder, SSEEvent
+from proxy.stream import ChatStreamFilter, filter_completion
+from tests.test_blocks import MARK, Answer, answers, split
 
 # --- SSEDecoder ------------------------------------------------------------------------------------------------
 
@@ -515,12 +328,12 @@ def test_held_text_comes_before_the_finish_reason() -> None:
 
 def test_held_text_at_done_comes_in_a_chunk_of_its_own_before_done() -> None:
     stream = ChatStreamFilter()
-    out = stream.decode(sse(chunk(0, {"content": "Bye <mem"}), chunk(1, {"content": "Hi <memory>§"}), b"[DONE]"))
+    out = stream.decode(sse(chunk(0, {"content": "Bye <mem"}), chunk(1, {"content": "Hi <memory>[\"§"}), b"[DONE]"))
     assert out[-1] == b"data: [DONE]\n\n"
     synthetic = json.loads(out[-2][6:])
     assert synthetic == {**BASE, "choices": [{"index": 0, "delta": {"content": " <mem"}, "logprobs": None,
                                              "finish_reason": None}]}
-    assert stream.blocks == {1: ["§"]} and stream.flush() == []
+    assert stream.blocks == {1: ['["§']} and stream.flush() == []
 
 
 def test_flush_releases_held_text_when_the_stream_ends_without_done() -> None:
@@ -535,21 +348,21 @@ def test_flush_releases_held_text_when_the_stream_ends_without_done() -> None:
 def test_n2_choices_are_filtered_separately() -> None:
     stream = ChatStreamFilter()
     out = stream.decode(sse({**BASE, "choices": [
-        {"index": 0, "delta": {"content": "A <memory>§"}, "finish_reason": None},
+        {"index": 0, "delta": {"content": "A <memory>[\"§"}, "finish_reason": None},
         {"index": 1, "delta": {"content": "B <memo"}, "finish_reason": None}]},
-        {**BASE, "choices": [{"index": 1, "delta": {"content": "ry>§</memory>!"}, "finish_reason": None},
-                             {"index": 0, "delta": {"content": "</memory>?"}, "finish_reason": None}]}))
+        {**BASE, "choices": [{"index": 1, "delta": {"content": "ry>{\"§\": 1}</memory>!"}, "finish_reason": None},
+                             {"index": 0, "delta": {"content": "\"]</memory>?"}, "finish_reason": None}]}))
     deltas = [[(c["index"], c["delta"]["content"]) for c in json.loads(e[6:])["choices"]] for e in out]
     assert deltas == [[(0, "A"), (1, "B")], [(1, "!"), (0, "?")]]
-    assert stream.blocks == {0: ["§"], 1: ["§"]}
+    assert stream.blocks == {0: ['["§"]'], 1: ['{"§": 1}']}
 
 
 def test_logprobs_placed_by_bytes_when_tokens_do_not_spell_the_text() -> None:
-    text = "é <memory>§</memory>"
+    text = "é <memory>[\"§\"]</memory>"
     entries = [{"token": "bytes:\\xc3", "bytes": [0xC3], "logprob": -1.0},
                {"token": "bytes:\\xa9", "bytes": [0xA9], "logprob": -1.0},
                {"token": " <", "bytes": list(b" <"), "logprob": -1.0},
-               {"token": "memory>§</memory>", "bytes": list("memory>§</memory>".encode()), "logprob": -1.0}]
+               {"token": "memory>[\"§\"]</memory>", "bytes": list('memory>["§"]</memory>'.encode()), "logprob": -1.0}]
     stream = ChatStreamFilter()
     [event] = stream.decode(sse(chunk(0, {"content": text}, logprobs={"content": entries})))
     choice = json.loads(event[6:])["choices"][0]
@@ -560,7 +373,7 @@ def test_logprobs_placed_by_bytes_when_tokens_do_not_spell_the_text() -> None:
 def test_logprobs_that_cannot_be_placed_are_dropped_from_an_altered_chunk() -> None:
     stream = ChatStreamFilter()
     entries = [{"token": "?", "logprob": -1.0}, {"token": "?", "logprob": -1.0}]
-    [event] = stream.decode(sse(chunk(0, {"content": "ok <memory>§</memory>"}, logprobs={"content": entries})))
+    [event] = stream.decode(sse(chunk(0, {"content": "ok <memory>[\"§\"]</memory>"}, logprobs={"content": entries})))
     choice = json.loads(event[6:])["choices"][0]
     assert choice["delta"] == {"content": "ok"} and choice["logprobs"] == {"content": []}
 
@@ -584,13 +397,13 @@ def test_completion_without_a_block_is_returned_as_is() -> None:
 
 
 def test_completion_loses_its_blocks_and_only_them() -> None:
-    body = completion("Sure thing.\n\n<memory>[§1]</memory>", "No block here.", "A <memory>§2</memory> B <memory>§3",
-                      logprobs=True)
+    body = completion('Sure thing.\n\n<memory>["§1"]</memory>', "No block here.",
+                      'A <memory>["§2"]</memory> B <memory>["§3"', logprobs=True)
     original = json.loads(json.dumps(body))
     filtered, blocks = filter_completion(body)
     assert body == original  # not modified
     assert [c["message"]["content"] for c in filtered["choices"]] == ["Sure thing.", "No block here.", "A B"]
-    assert blocks == {0: ["[§1]"], 2: ["§2", "§3"]}
+    assert blocks == {0: ['["§1"]'], 2: ['["§2"]', '["§3"']}
     assert [[e["token"] for e in c["logprobs"]["content"]] for c in filtered["choices"]] == [
         ["Sure", " ", "thing."], ["No", " ", "block", " ", "here."], ["A", " ", "B"]]
     assert MARK not in orjson.dumps(filtered).decode()
@@ -606,3 +419,32 @@ def test_completion_and_stream_agree(answer: Answer) -> None:
     assert filtered["choices"][0]["message"]["content"] == answer.visible
     assert blocks == ({0: answer.blocks} if answer.blocks else {})
 
+
+
+# --- bounds: an event longer than the cap is relayed, not buffered -----------------------------------------------
+
+def test_sse_an_event_over_the_cap_spills_as_it_came() -> None:
+    decoder = SSEDecoder(max_event=100)
+    raw = b"data: first\n\nevent: big\nid: 7\ndata: " + b"x" * 90 + b"\ndata: " + b"y" * 50 + b"\n\ndata: after\n\n"
+    events = decoder.decode(raw)
+    assert events == [SSEEvent("first")] and decoder.overflowed
+    assert decoder.spill() == raw[len(b"data: first\n\n"):]
+    decoder = SSEDecoder(max_event=100)
+    assert decoder.decode(b"data: " + b"z" * 150) == [] and decoder.overflowed  # one line without its end
+    assert decoder.spill() == b"data: " + b"z" * 150
+
+
+def test_a_stream_with_an_oversized_event_is_relayed_from_there_on() -> None:
+    stream = ChatStreamFilter(max_event=1000)
+    out = stream.decode(sse(chunk(0, {"content": "Hello "})))
+    huge = chunk(0, {"content": "<memory>" + "w" * 2000})
+    rest = b"data: " + orjson.dumps(huge) + b"\n\n"
+    out += stream.decode(rest[:700])
+    out += stream.decode(rest[700:])
+    out += stream.decode(b"data: [DONE]\n\n")
+    out += stream.flush()
+    assert stream.relaying
+    joined = b"".join(out)
+    assert joined.endswith(rest + b"data: [DONE]\n\n")  # byte for byte from the oversized event on
+    items = [json.loads(line[6:]) for line in joined[:-len(rest) - 14].decode().split("\n\n") if line]
+    assert "".join(item["choices"][0]["delta"]["content"] for item in items) == "Hello "  # held text went first
