@@ -35,6 +35,20 @@ def stream_events(model: str, text: str) -> list[bytes]:
             chunk({}, "stop"), b"data: [DONE]\n\n"]
 
 
+def deltas_events(model: str, deltas: list[str]) -> list[bytes]:
+    """A stream that sends each of `deltas` as one content chunk (bench/filter.py's pathological answers)."""
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": CREATED,
+                                         "model": model, "choices": [{"index": 0, "delta": delta,
+                                                                      "finish_reason": finish}]}) + b"\n\n"
+    return [chunk({"role": "assistant", "content": ""}), *(chunk({"content": d}) for d in deltas),
+            chunk({}, "stop"), b"data: [DONE]\n\n"]
+
+
+# Models whose answers are pathological for a block filter: a model stuck in a loop, and the like.
+PATHOLOGICAL = {"newlines": ["\n"] * 20_000, "angles": ["a<b "] * 20_000, "backticks": ["`x` "] * 20_000}
+
+
 async def read_body(receive: Any) -> bytes:
     body = b""
     while True:
@@ -60,7 +74,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if request.get("stream"):
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream")]})
-            for event in stream_events(request.get("model", "m"), text):
+            model = request.get("model", "m")
+            events = deltas_events(model, PATHOLOGICAL[model]) if model in PATHOLOGICAL else stream_events(model, text)
+            for event in events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
             return

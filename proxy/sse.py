@@ -29,9 +29,14 @@ class SSEEvent:
     comment: str | None = None
 
     def encode(self) -> bytes:
-        return ("\n".join(self.lines()) + "\n\n").encode() if self.lines() else b""
+        if self.comment is None and self.event is None and self.id is None and self.retry is None \
+                and self.data is not None and "\n" not in self.data and "\r" not in self.data:
+            return f"data: {self.data}\n\n".encode()  # nearly every event of a chat stream
+        lines = self.lines()
+        return ("\n".join(lines) + "\n\n").encode() if lines else b""
 
     def lines(self) -> list[str]:
+        """The event's lines on the wire, without their line ends."""
         lines = []
         if self.comment is not None:
             lines += [f": {line}" if line else ":" for line in LINE_END.split(self.comment)]
