@@ -1,0 +1,151 @@
+"""Bounded whatever the upstream sends: a proxy process's peak memory stays flat through answers of hundreds of
+megabytes that it cannot filter (one SSE line with no end, a block that never closes, a huge JSON body).
+
+The proxy runs as `memory-proxy serve` in a process of its own, so its peak resident memory (VmHWM) can be read;
+the upstream is a raw ASGI app in this process that writes its answer in 1 MiB pieces.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.servers import running
+
+MIB = 1024 * 1024
+PIECE = b"x" * MIB
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def huge_line(mib: int) -> Iterator[bytes]:
+    """One SSE event whose data line never ends: a content delta of `mib` MiB."""
+    yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "'
+    for _ in range(mib):
+        yield PIECE
+    yield b'"}}]}\n\ndata: [DONE]\n\n'
+
+
+def endless_block(mib: int) -> Iterator[bytes]:
+    """A block that opens and never closes, sent as ordinary 1 MiB content deltas."""
+    def event(content: str) -> bytes:
+        return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk",
+                                         "choices": [{"index": 0, "delta": {"content": content}}]}) + b"\n\n"
+    yield event("Sure. <memory>[")
+    chunk = event('"' + "y" * (MIB - 8) + '", ')
+    for _ in range(mib):
+        yield chunk
+    yield b"data: [DONE]\n\n"
+
+
+def huge_json(mib: int) -> Iterator[bytes]:
+    yield b'{"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "'
+    for _ in range(mib):
+        yield PIECE
+    yield b'"}}]}'
+
+
+def upstream_app(body: Callable[[], Iterator[bytes]], content_type: bytes) -> Any:
+    """Answers its first request with a small answer of the same kind, every later one with `body`."""
+    served = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]})
+        pieces = body() if served else small(content_type)
+        served.append(True)
+        for piece in pieces:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    return app
+
+
+def small(content_type: bytes) -> Iterator[bytes]:
+    if content_type == b"text/event-stream":
+        yield b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": '
+        yield b'"Hello"}}]}\n\ndata: [DONE]\n\n'
+    else:
+        yield b'{"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "Hi"}}]}'
+
+
+@pytest.fixture
+def proxy_process(tmp_path: Path) -> Iterator[Callable[[str], tuple[str, int]]]:
+    """Start `memory-proxy serve` against an upstream URL; returns (base URL, pid)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(upstream: str) -> tuple[str, int]:
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "MEMORY_PROXY_DATA_DIR": str(tmp_path), "MEMORY_PROXY_LOG_LEVEL": "warning",
+               "MEMORY_PROXY_FILTER_MAX_BYTES": str(MIB), "MEMORY_PROXY_RECALL_BUDGET_MS": "5000"}
+        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "the proxy exited"
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    return url, proc.pid
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the proxy did not become ready"
+            time.sleep(0.1)
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+CASES = {
+    "one SSE line of 100 MiB": (lambda: huge_line(100), b"text/event-stream", True),
+    "a block that never closes, 100 MiB": (lambda: endless_block(100), b"text/event-stream", True),
+    "a JSON answer of 100 MiB": (lambda: huge_json(100), b"application/json", False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_memory_stays_bounded_whatever_the_answer(case: str, proxy_process: Callable[[str], tuple[str, int]]
+                                                  ) -> None:
+    body, content_type, stream = CASES[case]
+    with running(upstream_app(body, content_type)) as upstream:
+        proxy, pid = proxy_process(upstream + "/v1")
+        request = {"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"X-Memory-User": "alice"}
+        with httpx.Client(timeout=120) as client:
+            with client.stream("POST", proxy + "/v1/chat/completions", json=request, headers=headers) as warm:
+                warm.read()  # a small answer first: the first request's own costs are not the big answer's
+            before = peak_rss_mib(pid)
+            size = 0
+            with client.stream("POST", proxy + "/v1/chat/completions", json=request, headers=headers) as response:
+                assert response.status_code == 200
+                tail = b""
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    tail = (tail + chunk)[-64:]
+        grown = peak_rss_mib(pid) - before
+    assert size > 100 * MIB  # all of it reached the client
+    assert tail.endswith(b"[DONE]\n\n" if stream else b'"}}]}')
+    assert grown < 48, f"peak RSS grew {grown:.0f} MiB relaying {size / MIB:.0f} MiB"
+
