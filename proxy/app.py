@@ -19,6 +19,7 @@ from proxy.auth import Gate
 from proxy.config import Settings
 from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
+from proxy.extraction import open_extractor
 from proxy.memories import open_memories
 from proxy.passthrough import passthrough
 from proxy.server import DateHeader
@@ -51,6 +52,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
                 settings, store=store, embedder=embedder, ready=lambda part: app.state.parts.__setitem__(part, True)))
             app.state.sessions = await stack.enter_async_context(open_sessions(settings, app.state.memories,
                                                                                app.state.upstream))
+            app.state.extractor = await stack.enter_async_context(open_extractor(settings, app.state.memories,
+                                                                                 app.state.upstream, transport))
             # The first model run is the slow one: take it now, not on a user's request.
             await app.state.memories.embedder.embed(["warm up"])
             try:

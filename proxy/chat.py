@@ -4,14 +4,15 @@
                                                        (only a model's token budget may trim it)
     turn      = begin(request)                         the session the proxy keeps, if any (proxy/sessions.py)
     body      = prepend(turn, body)                    prepend mode: the stored turns before the new ones
-    decided   = plan(body)                             where memories go; whether a block is possible at all
+    decided   = plan(body)                             where memories go; inline, background or off
     hits      = recall(user, last user message)        within a time budget; a fault → answer without memory
     body      = rewrite(body, hits, decided)           text added to messages the client sent, none added
     body      = fit(turn, body)                        window / token budget; the summary for the turns cut
     response  = forward(body)                          unchanged bytes when nothing was added
     answer    = filter(response)                       the <memory> block never reaches the client; an answer
                                                        that may not hold one is relayed untouched
-    remember(blocks), record(turn, answer)             queued once the answer is out, stored off the request path
+    remember(blocks), record(turn, answer)             queued once the answer is out, stored off the request path;
+    submit(turn)                                       background mode: the turn goes to the extraction call
 """
 
 from __future__ import annotations
@@ -28,19 +29,20 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy import extract
+from proxy import extract, transcript
 from proxy.config import Settings
 from proxy.errors import BadRequest, ClientGone, ProxyError, UpstreamError
+from proxy.extraction import Exchange, Extractor
 from proxy.identity import identify
-from proxy.memories import Memories, clean_text
-from proxy.models import Forget, Hit, NewMemory, Operation
+from proxy.memories import Memories
+from proxy.models import Hit, Operation
 from proxy.passthrough import read_body, relay, upstream_path
-from proxy.plan import plan
+from proxy.plan import EXTRACTION_HEADER, plan
 from proxy.rewrite import last_user_text, rewrite
 from proxy.sessions import Sessions
 from proxy.sniff import Answer, read_answer
 from proxy.stream import ChatStreamFilter, filter_completion
-from proxy.upstream import RawHeaders, Upstream, close_quietly, request_headers, response_headers
+from proxy.upstream import RawHeaders, Upstream, close_quietly, credentials, request_headers, response_headers
 
 log = logging.getLogger("memory_proxy.chat")
 # We re-serialise the body and read the answer decoded, so these are ours to set, not the client's.
@@ -56,6 +58,7 @@ async def chat_completions(request: Request) -> Response:
     upstream: Upstream = state.upstream
     memories: Memories | None = getattr(state, "memories", None)
     sessions: Sessions = state.sessions
+    extractor: Extractor | None = getattr(state, "extractor", None)
     tenant = state.gate.client(request)
     raw = await read_body(request, settings.max_body_bytes)
     body = parse_request(raw, settings.max_messages)
@@ -69,8 +72,10 @@ async def chat_completions(request: Request) -> Response:
         return relay(forwarded)
 
     turn = sessions.begin(request, body, user)
+    said = transcript.said(body["messages"])
     body = await sessions.prepend(turn, body)
-    decided = plan(body, settings.memory_placement)
+    decided = plan(body, settings.memory_placement, extraction=settings.extraction,
+                   asked=request.headers.get(EXTRACTION_HEADER), background_models=settings.background_patterns)
     question = last_user_text(body["messages"]) if decided.recall else ""
     hits, fault = await recall(memories, user, question, settings.recall_budget_ms)
     excerpts = await sessions.recall(user, turn, question)
@@ -83,7 +88,7 @@ async def chat_completions(request: Request) -> Response:
     response = await unless_client_leaves(request, upstream.send(
         "POST", path, query, headers, raw if unchanged else orjson.dumps(upstream_body)))
 
-    ours = [(b"x-memory-recalled", str(len(aliases)).encode())]
+    ours = [(b"x-memory-recalled", str(len(aliases)).encode()), (b"x-memory-extraction", decided.extraction.encode())]
     if fault:
         ours.append((b"x-memory-error", fault.encode()))
     if not 200 <= response.status_code < 300:  # the upstream's errors are the upstream's to say
@@ -92,17 +97,21 @@ async def chat_completions(request: Request) -> Response:
         return relayed
 
     recalled = [hit for hit in hits if hit.memory.id in aliases.values()]
+    background = decided.extraction == "background"
 
     def remember(blocks: dict[int, list[str]], answer: bytes) -> None:
         memories.remember(user, operations(blocks, aliases, recalled, memories.max_chars))
         sessions.record(turn, answer)
+        if background and extractor is not None:
+            extractor.submit(Exchange(user, said, transcript.answer_text(answer), str(body.get("model") or ""),
+                                      credentials(request.headers.raw)))
 
+    keep = turn is not None or background
     answer = await read_answer(response, settings.filter_max_bytes)
     if not decided.inline:  # no block was asked for: the answer is the upstream's, byte for byte
-        return untouched(response, answer, remember, ours, keep_answer=turn is not None,
-                         max_bytes=settings.filter_max_bytes)
+        return untouched(response, answer, remember, ours, keep_answer=keep, max_bytes=settings.filter_max_bytes)
     if answer.streamed:
-        stream = filtered_stream(response, answer, remember, settings, keep_answer=turn is not None)
+        stream = filtered_stream(response, answer, remember, settings, keep_answer=keep)
         streamed = StreamingResponse(stream, status_code=response.status_code)
         streamed.raw_headers = response_headers(response.headers, drop=FILTERED) + ours
         return streamed
@@ -266,30 +275,8 @@ class AnswerThenRemember(Response):
             self.after()
 
 
-def normalised(text: str) -> str:
-    return " ".join(text.casefold().split()).rstrip(".!")
-
-
 def operations(blocks: dict[int, list[str]], aliases: dict[str, str], recalled: Sequence[Hit],
                max_chars: int) -> list[Operation]:
-    """What the blocks of every choice ask for, as one deduplicated list: short ids resolved to real ones,
-    facts the model was just shown dropped (no feedback loop), unknown ids ignored."""
-    seen = {normalised(hit.memory.text) for hit in recalled}
-    result: list[Operation] = []
-    forgotten: set[str] = set()
-    for index in sorted(blocks):
-        for block in blocks[index]:
-            for op in extract.parse(block):
-                if isinstance(op, Forget):
-                    real = aliases.get(op.id)
-                    if real and real not in forgotten:
-                        forgotten.add(real)
-                        result.append(Forget(real))
-                    continue
-                key = normalised(clean_text(op.text, max_chars))
-                if not key or key in seen:
-                    continue
-                seen.add(key)
-                result.append(NewMemory(op.text, op.category, "inline", op.ttl_seconds,
-                                        aliases.get(op.replaces) if op.replaces else None))
-    return result
+    """What the blocks of every choice ask for, as one deduplicated list (proxy.extract.resolve)."""
+    asked = (op for index in sorted(blocks) for block in blocks[index] for op in extract.parse(block))
+    return extract.resolve(asked, aliases, recalled, max_chars)

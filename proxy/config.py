@@ -71,6 +71,22 @@ class Settings:
                                                       "is relayed unfiltered.")
     memory_block_max_chars: int = setting(65536, "Longest memory block body; anything longer is not a block and "
                                                  "reaches the client as text.")
+    # Learning facts
+    extraction: str = setting("auto", "How facts are learned: inline (the model appends a <memory> block), "
+                                      "background (a separate extraction call after the answer), auto (inline "
+                                      "where the request allows a block, background where it does not), off "
+                                      "(recall only).")
+    background_models: str = setting("", "Comma-separated glob patterns of models that do not follow the block "
+                                         "instruction: auto learns their facts in the background.")
+    extract_model: str = setting("", "Model for background extraction calls; default: the chat request's model.")
+    extract_upstream: str = setting("", "Base URL for extraction calls; default: the chat upstream.")
+    extract_key: str = setting("", "Key for extraction calls (sent as Bearer); default: the chat request's own "
+                                   "credentials, or upstream_key.")
+    extract_timeout: float = setting(60.0, "Seconds one extraction call may take.")
+    extract_coalesce_seconds: float = setting(2.0, "Turns of one user within this many seconds go to one "
+                                                   "extraction call.")
+    extract_queue: int = setting(1000, "Turns waiting for background extraction before new ones are dropped.")
+    extract_retries: int = setting(3, "Retries of an extraction call answered 429 or 5xx, with backoff.")
     # Conversation memory
     session_history: str = setting("off", "Sessions (`X-Memory-Session` header or `metadata.session_id`): off, "
                                           "store (turns kept and searchable), prepend (the stored turns go in front "
@@ -92,6 +108,10 @@ class Settings:
     @property
     def upstream_base(self) -> str:
         return self.upstream.rstrip("/")
+
+    @property
+    def background_patterns(self) -> tuple[str, ...]:
+        return tuple(filter(None, (part.strip() for part in self.background_models.split(","))))
 
 
 def _default_data_dir(environ: Mapping[str, str]) -> str:
@@ -191,7 +211,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"upstream must be an http:// or https:// URL, got {s.upstream!r}")
     positive = ["port", "workers", "max_connections", "embed_threads", "embed_batch", "recall_k",
                 "max_body_bytes", "write_queue", "memory_max_chars", "max_messages", "session_max_messages",
-                "summary_keep_messages", "filter_max_bytes", "memory_block_max_chars"]
+                "summary_keep_messages", "filter_max_bytes", "memory_block_max_chars", "extract_queue"]
     for name in positive:
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")
@@ -202,6 +222,13 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
     if s.memory_placement not in ("user", "system"):
         raise ConfigError(f"memory_placement must be user or system, got {s.memory_placement!r}")
+    if s.extraction not in ("inline", "background", "auto", "off"):
+        raise ConfigError(f"extraction must be inline, background, auto or off, got {s.extraction!r}")
+    if s.extract_upstream and not s.extract_upstream.startswith(("http://", "https://")):
+        raise ConfigError(f"extract_upstream must be an http:// or https:// URL, got {s.extract_upstream!r}")
+    for name in ("extract_timeout", "extract_coalesce_seconds", "extract_retries"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"setting {name!r} must not be negative")
     _validate_sessions(s)
 
 

@@ -1,13 +1,16 @@
-"""The `<memory>` contract in one file: what the model is asked to write, the tags that mark it, and the parser.
+"""The `<memory>` contract in one file: what the model is asked to write (inline, or in a background extraction
+call), the tags that mark it, the parser, and how what it asks for becomes operations on the store.
 
-The model appends, only when the user revealed something new and durable about themselves:
+Inline, the model appends, only when the user revealed something new and durable about themselves:
 
     <memory>
     [{"text": "User now lives in Porto", "category": "fact", "replaces": "m2"}, {"forget": "m3"}]
     </memory>
 
-`parse` is tolerant of the shapes models and other tools actually produce, and never raises: a block it cannot
-read is logged and ignored, because a lost memory must never cost the user their answer.
+A background extraction call answers `{"memories": [...]}` with the same items. `parse` reads both, tolerant of
+the shapes models and other tools actually produce, and never raises: a block it cannot read is logged and
+ignored, because a lost memory must never cost the user their answer. `resolve` turns short ids into real ones
+and drops what must not be stored.
 """
 
 from __future__ import annotations
@@ -16,22 +19,29 @@ import ast
 import json
 import logging
 import re
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
 
-from proxy.models import Forget, NewMemory, Operation
+from proxy.memories import clean_text
+from proxy.models import CATEGORIES, Forget, Hit, NewMemory, Operation
 
 log = logging.getLogger("memory_proxy.extract")
 
+# The example item is a placeholder no user could have said: small models repeat a plausible example ("User is
+# vegetarian") back as if the user had said it. An item that is the placeholder itself is never stored.
+PLACEHOLDER = "<one short fact the user stated>"
 # Sent on every request: short, and byte-stable so that prompt caches keep hitting.
 INSTRUCTION = (
     "Memory: only when the user has just revealed something new and lasting about themselves, end your reply "
     "with a block like\n"
-    '<memory>[{"text": "User is vegetarian", "category": "fact"}]</memory>\n'
-    "Items are short sentences in the user's language; category is preference, fact or context. To correct a "
-    'memory shown as [m2] add "replaces": "m2"; to drop [m3] write {"forget": "m3"}. Never store your own words, '
-    "passwords, keys or other secrets. Nothing new: no block. The user never sees the block; do not mention it."
+    f'<memory>[{{"text": "{PLACEHOLDER}", "category": "fact"}}]</memory>\n'
+    "Items are short sentences in the user's language; category is fact, preference, event (give its date) or "
+    'profile (needed in every conversation: name, language, allergies). To correct a memory shown as [m2] add '
+    '"replaces": "m2"; to drop [m3] write {"forget": "m3"}. Never store your own words, passwords, keys or other '
+    "secrets. Nothing new: no block. The user never sees the block; do not mention it."
 )
 
 # Tags: any case, up to TAG_SPACE spaces or tabs around the parts. The bound keeps the streaming hold-back small.
@@ -181,3 +191,82 @@ def short_id(value: Any) -> str | None:
     if match:
         return f"m{int(match.group(2))}"
     return value.strip() or None
+
+
+# --- background extraction: the call's prompt and answer, version-stamped ----------------------------------------
+
+EXTRACTION_PROMPT_VERSION = 1
+EXTRACTION_PROMPT = """\
+You keep the long-term memory of one user of a chat assistant. Below are the user's memories most related to the \
+conversation, each with a short id, then the newest turn(s): what the user said and what the assistant answered.
+
+Write down only what the USER revealed about themselves that will still matter in later conversations: who \
+they are, where they live and work, family, preferences, plans, commitments, health constraints, things that \
+happened to them.
+- One short sentence per fact, about the user ("User is vegetarian"), in the language the user writes in.
+- Never the assistant's words, suggestions or knowledge, never general facts about the world, never the user's \
+questions or requests themselves.
+- Never secrets: passwords, PINs, keys, tokens, card or account numbers.
+- Resolve relative dates ("yesterday", "next month") against the date of the turn; write dates as YYYY-MM-DD.
+- category: fact, preference, context, event (something that happened or will, with its date) or profile \
+(needed in every conversation: name, preferred language, a serious allergy).
+- If a fact changes a memory shown, give that memory's id in "replaces"; if the user says a memory is no longer \
+true, add {"forget": its id}.
+- A fact already among the memories shown, or nothing durable: nothing to add.
+
+Answer with JSON only, in this form: {"memories": [{"text": "...", "category": "fact", "replaces": null}]}, \
+or {"memories": []} when there is nothing to store."""
+
+_ADD = {"type": "object", "additionalProperties": False, "required": ["text", "category", "replaces"],
+        "properties": {"text": {"type": "string"}, "category": {"type": "string", "enum": list(CATEGORIES)},
+                       "replaces": {"type": ["string", "null"]}}}
+_FORGET = {"type": "object", "additionalProperties": False, "required": ["forget"],
+           "properties": {"forget": {"type": "string"}}}
+# OpenAI's structured outputs (strict: every property required, no others), which vLLM and llama.cpp accept too.
+EXTRACTION_FORMAT = {"type": "json_schema", "json_schema": {"name": "memory_operations", "strict": True, "schema": {
+    "type": "object", "additionalProperties": False, "required": ["memories"],
+    "properties": {"memories": {"type": "array", "items": {"anyOf": [_ADD, _FORGET]}}}}}}
+
+
+def extraction_request(model: str, turns: Sequence[tuple[str, str, str]], shown: str, today: str, *,
+                       json_schema: bool = True) -> dict[str, Any]:
+    """The extraction call's body. `turns` are (when, what the user said, the answer); `shown` is the rendered
+    memories (proxy.rewrite.render_memories) or ""; `today` the date of the newest turn (YYYY-MM-DD).
+    One user message, no system message: every chat template accepts that layout."""
+    parts = [EXTRACTION_PROMPT, f"Date of the turn: {today}", "Memories:\n" + (shown or "(none)")]
+    for n, (when, said, answer) in enumerate(turns, start=1):
+        parts.append(f"Turn {n} ({when}):\nUser: {said}\nAssistant: {answer}")
+    body: dict[str, Any] = {"model": model, "stream": False, "temperature": 0,
+                            "messages": [{"role": "user", "content": "\n\n".join(parts)}]}
+    if json_schema:
+        body["response_format"] = EXTRACTION_FORMAT
+    return body
+
+
+# --- from what a model asked for to what the store does ----------------------------------------------------------
+
+def normalised(text: str) -> str:
+    return " ".join(text.casefold().split()).rstrip(".!")
+
+
+def resolve(asked: Iterable[Operation], aliases: dict[str, str], shown: Sequence[Hit], max_chars: int,
+            source: str = "inline") -> list[Operation]:
+    """What the model asked for, as one deduplicated list for the store: short ids resolved to real ones (unknown
+    ids ignored), facts the model was just shown dropped (no feedback loop), the instruction's placeholder
+    dropped, every new memory marked with `source`."""
+    seen = {normalised(hit.memory.text) for hit in shown} | {normalised(PLACEHOLDER)}
+    result: list[Operation] = []
+    forgotten: set[str] = set()
+    for op in asked:
+        if isinstance(op, Forget):
+            real = aliases.get(op.id)
+            if real and real not in forgotten:
+                forgotten.add(real)
+                result.append(Forget(real))
+            continue
+        key = normalised(clean_text(op.text, max_chars))
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        result.append(replace(op, source=source, replaces=aliases.get(op.replaces) if op.replaces else None))
+    return result

@@ -9,6 +9,7 @@ from typing import Any
 
 # Between tenant and user in the store's user id; a control character, so no valid id can contain it.
 TENANT_SEPARATOR = "\x1f"
+CATEGORIES = ("fact", "preference", "context", "event", "profile")
 
 
 def new_id() -> str:

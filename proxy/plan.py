@@ -15,17 +15,32 @@
 * **Whether the model may write a `<memory>` block.** Not when the answer has no room for one or is not text
   for a person to read: structured outputs (`response_format` json_schema or json_object, and the
   constrained-decoding options of vLLM, llama.cpp and others), audio output, predicted outputs, and turns where
-  a tool call is forced. Then no instruction is sent and the answer is relayed untouched (`inline` false).
+  a tool call is forced. Then no instruction is sent and the answer is relayed untouched.
+* **How this turn's facts are learned** (`extraction`): `inline` (the block), `background` (a separate call after
+  the answer, proxy/extraction.py) or `off`. The operator's setting says what is allowed; a client's
+  `X-Memory-Extraction` header may only ask for less:
+
+      setting      a client may ask for          the turn: block possible / not possible (or a listed model)
+      off          off                           off / off
+      inline       inline, off                   inline / off
+      background   background, off               background / background
+      auto         auto, inline, background, off inline / background
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
+
+from proxy.errors import BadRequest
 
 SYSTEM_ROLES = ("system", "developer")
 PLACEMENTS = ("user", "system")
+MODES = ("off", "inline", "background", "auto")
+ALLOWED = {"off": ("off",), "inline": ("inline", "off"), "background": ("background", "off"), "auto": MODES}
+EXTRACTION_HEADER = "x-memory-extraction"
 # Request options of OpenAI-compatible servers that constrain decoding to a grammar: no room for a block.
 CONSTRAINED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
                "structured_outputs", "grammar", "json_schema", "regex", "format")
@@ -36,28 +51,54 @@ class Plan:
     """What a request allows. Message indices refer to `body["messages"]`; None: nowhere to put it."""
 
     recall: bool  # there is a user message whose text can be searched for, and a place for memories
-    inline: bool  # the model may be asked for a <memory> block, and the answer is filtered
-    reason: str  # why not inline ("" when inline)
+    extraction: str  # inline | background | off: how this turn's facts are learned
+    reason: str  # why a block is not possible ("" when it is)
     memories_at: int | None  # the message whose content gets the memories
-    instruction_at: int | None  # the message whose content gets the instruction (when inline)
+    instruction_at: int | None  # the message whose content gets the instruction (inline only)
+
+    @property
+    def inline(self) -> bool:
+        """The model is asked for a <memory> block, and the answer is filtered."""
+        return self.extraction == "inline"
 
 
-def plan(body: dict[str, Any], placement: str = "user") -> Plan:
-    """Decide for a request body (a dict with a `messages` list, as chat.parse_request checks)."""
+def plan(body: dict[str, Any], placement: str = "user", *, extraction: str = "inline", asked: str | None = None,
+         background_models: Sequence[str] = ()) -> Plan:
+    """Decide for a request body (a dict with a `messages` list, as chat.parse_request checks). `extraction` is
+    the operator's setting, `asked` the client's X-Memory-Extraction header (BadRequest when not a mode),
+    `background_models` glob patterns of models that do not follow the block instruction."""
     messages: Sequence[Any] = body["messages"]
     user = last_user_index(messages)
     system = first_system_index(messages)
     reason = no_block_reason(body)
-    if user is None:
-        reason = reason or "no user message"
     if system is not None and not writable(messages[system]):
         system = None
     if user is not None and not writable(messages[user]):
         user, reason = None, reason or "the last user message has no text content"
+    model = body.get("model")
+    model = model if isinstance(model, str) else ""
+    if not reason and any(fnmatchcase(model, pattern) for pattern in background_models):
+        reason = "a model listed as not following the instruction"
+    mode = turn_mode(extraction, asked, block_possible=not reason) if user is not None else "off"
     memories_at = system if placement == "system" and system is not None else user
     instruction_at = system if system is not None else user
-    return Plan(recall=memories_at is not None, inline=not reason, reason=reason, memories_at=memories_at,
-                instruction_at=instruction_at if not reason else None)
+    return Plan(recall=memories_at is not None, extraction=mode, reason=reason, memories_at=memories_at,
+                instruction_at=instruction_at if mode == "inline" else None)
+
+
+def turn_mode(setting: str, asked: str | None, *, block_possible: bool) -> str:
+    """inline, background or off for one turn (the table in this module's docstring)."""
+    if asked is not None:
+        asked = asked.strip().lower()
+        if asked not in MODES:
+            raise BadRequest(f"X-Memory-Extraction must be one of {', '.join(MODES)}, not {asked!r}",
+                             param="X-Memory-Extraction", code="invalid_extraction")
+    mode = asked if asked in ALLOWED[setting] else setting
+    if mode == "auto":
+        return "inline" if block_possible else "background"
+    if mode == "inline" and not block_possible:
+        return "off"
+    return mode
 
 
 def no_block_reason(body: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from proxy.errors import BadRequest
 from proxy.models import MAX_USER_ID
 from proxy.store.sessions import ChunkHit, SessionStore, open_session_store
 from proxy.upkeep import Job, Upkeep
-from proxy.upstream import RawHeaders, Upstream
+from proxy.upstream import RawHeaders, Upstream, credentials
 
 if TYPE_CHECKING:
     from proxy.config import Settings
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memory_proxy.sessions")
 SESSION_HEADER = "x-memory-session"
-CREDENTIALS = (b"authorization", b"api-key", b"openai-organization", b"openai-project")
 WRITE_WAIT = 2.0  # seconds `prepend` waits for the previous turn of the session to be stored
 RECALL_K = 2
 INLINE_CHARS = 2000  # more uncounted text than this (~0.5 ms to count) is counted in a thread
@@ -105,8 +104,7 @@ class Sessions:
         name = None if self.mode == "off" else session_id(request, body)
         if name is None:
             return None
-        credentials = [(k, v) for k, v in request.headers.raw if k in CREDENTIALS]
-        return Turn(user, name, body["messages"], credentials)
+        return Turn(user, name, body["messages"], credentials(request.headers.raw))
 
     async def prepend(self, turn: Turn | None, body: dict[str, Any]) -> dict[str, Any]:
         """Prepend mode: the session's stored messages (those the summary does not cover) after the client's

@@ -50,6 +50,17 @@ def new_messages(messages: Sequence[Any], *, everything: bool) -> list[dict[str,
     return [message for message in kept if message is not None]
 
 
+def said(messages: Sequence[Any]) -> str:
+    """What the user said this turn: the text of the user messages after the last assistant message."""
+    return "\n".join(message_text(m) for m in new_messages(messages, everything=False) if m.get("role") == "user")
+
+
+def answer_text(raw: bytes) -> str:
+    """The text of the answer the client saw (tool calls named), from the upstream's raw answer; '' if none."""
+    message = answer(raw) if raw else None
+    return line(message, 1 << 30).partition(": ")[2] if message else ""
+
+
 def visible(text: str) -> str:
     block_filter = BlockFilter()
     return block_filter.feed(text) + block_filter.flush()

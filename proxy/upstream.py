@@ -32,6 +32,9 @@ HOP_BY_HOP = frozenset({
 })
 PROXY_HEADER_PREFIX = b"x-memory-"
 AZURE_PREFIX = "/openai/"
+# The headers that say who the client is to the upstream: calls the proxy makes on a client's behalf (summaries,
+# background extraction) carry these, and no other of the client's headers.
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"api-key", b"openai-organization", b"openai-project"})
 RawHeaders = list[tuple[bytes, bytes]]
 
 
@@ -48,6 +51,11 @@ def request_headers(raw: Iterable[tuple[bytes, bytes]], upstream_key: str = "", 
     if upstream_key:
         headers.append((b"authorization", b"Bearer " + upstream_key.encode("latin-1")))
     return headers
+
+
+def credentials(raw: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
+    """The client's credential headers (CREDENTIAL_HEADERS), for a call made on its behalf."""
+    return [(k, v) for k, v in raw if k.lower() in CREDENTIAL_HEADERS]
 
 
 def response_headers(headers: httpx.Headers, *, drop: frozenset[bytes] = frozenset()) -> RawHeaders:

@@ -18,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from proxy.extract import EXTRACTION_PROMPT
+
 CREATED = 1_700_000_000  # fixed, so two answers to the same request are byte-identical
 
 
@@ -56,9 +58,19 @@ TEMPLATE_ERRORS = {
 }
 
 
+def is_extraction(body: Any) -> bool:
+    """A background extraction call of the proxy (its prompt opens the one user message)."""
+    try:
+        return str(body["messages"][0]["content"]).startswith(EXTRACTION_PROMPT[:60])
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
 class FakeUpstream:
     def __init__(self, template: str | None = None) -> None:
         self.template = template
+        self.extraction_replies: deque[Reply] = deque()
+        self.refuse_schema = False
         self.requests: list[Recorded] = []
         self.replies: deque[Reply] = deque()
         self.streams_open = 0
@@ -85,7 +97,31 @@ class FakeUpstream:
 
     @property
     def chats(self) -> list[Recorded]:
-        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+        """The chat requests, background extraction calls left out."""
+        return [r for r in self.requests if r.path.endswith("/chat/completions") and not is_extraction(r.json())]
+
+    @property
+    def extractions(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions") and is_extraction(r.json())]
+
+    async def extract(self, body: dict[str, Any]) -> Response:
+        """The extraction model: answers from `extraction_replies` (a Reply whose text is the JSON it writes).
+        Like servers that lack structured outputs, it can refuse `response_format` (`refuse_schema`)."""
+        if self.refuse_schema and "response_format" in body:
+            return JSONResponse({"error": {"message": "response_format is not supported", "type": "BadRequestError",
+                                           "param": "response_format", "code": 400}}, status_code=400)
+        reply = self.extraction_replies.popleft() if self.extraction_replies else Reply('{"memories": []}')
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.status != 200:
+            return JSONResponse({"error": reply.error or {"message": "overloaded", "type": "server_error",
+                                                          "param": None, "code": None}},
+                                status_code=reply.status, headers=reply.headers)
+        text = reply.text if isinstance(reply.text, str) else reply.text[0]
+        return JSONResponse({"id": "chatcmpl-x", "object": "chat.completion", "created": CREATED,
+                             "model": body["model"], "choices": [{"index": 0, "message": {
+                                 "role": "assistant", "content": text}, "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 321, "completion_tokens": 12, "total_tokens": 333}})
 
     def refused(self, messages: list[Any]) -> str | None:
         """The template's error for this role layout, or None when it renders."""
@@ -120,6 +156,8 @@ class FakeUpstream:
 
     async def chat(self, request: Request) -> Response:
         body = (await self.record(request)).json()
+        if is_extraction(body):
+            return await self.extract(body)
         refused = self.refused(body["messages"])
         if refused:
             return JSONResponse({"error": {"message": refused, "type": "BadRequestError", "param": None,

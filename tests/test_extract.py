@@ -24,14 +24,16 @@ def new(text: str, category: str = "fact", replaces: str | None = None) -> NewMe
 def test_instruction_is_short_and_names_every_part_of_the_contract() -> None:
     text = extract.INSTRUCTION
     assert len(text) < 700  # paid on every request
-    for part in ("<memory>", "</memory>", "preference", "fact", "context", '"replaces"', '"forget"', "secret"):
+    for part in ("<memory>", "</memory>", "preference", "fact", "event", "profile", '"replaces"', '"forget"',
+                 "secret"):
         assert part in text
 
 
-def test_the_example_in_the_instruction_is_itself_a_valid_block() -> None:
+def test_the_example_in_the_instruction_is_a_valid_block_of_a_placeholder_never_stored() -> None:
     body = re.search(r"<memory>(.*?)</memory>", extract.INSTRUCTION, re.S)
     assert body is not None
-    assert parse(body.group(1)) == [new("User is vegetarian")]
+    assert parse(body.group(1)) == [new(extract.PLACEHOLDER)]
+    assert extract.resolve(parse(body.group(1)), {}, [], 500) == []  # a model that repeats it stores nothing
 
 
 # --- tags ------------------------------------------------------------------------------------------------------
