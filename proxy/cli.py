@@ -154,8 +154,8 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
             hits = await memories.recall(user, args.query, k=args.k, min_similarity=-1.0)
             show(args, [h.to_dict() for h in hits])
         elif args.verb == "add":
-            show(args, [m.to_dict() for m in await memories.add(
-                user, [NewMemory(args.text, args.category, "cli", args.ttl)])])
+            item = memories.cleaning.item(NewMemory(args.text, args.category, "cli", args.ttl))  # 400s say why
+            show(args, [m.to_dict() for m in await memories.add(user, [item])])
         elif args.verb == "delete":
             if not await store.forget(user, args.id):
                 raise NotFound(f"no memory {args.id!r} for user {user!r}")
@@ -171,7 +171,8 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
                     sys.stdout.write(orjson.dumps(memory.to_dict()).decode() + "\n")
                 before = page[-1].id
         elif args.verb == "import":
-            items = [new_memory(item, param=f"item {n}") for n, item in enumerate(parse_lines(args.data), start=1)
+            items = [new_memory(item, param=f"item {n}", cleaning=memories.cleaning)
+                     for n, item in enumerate(parse_lines(args.data), start=1)
                      if not (isinstance(item, dict) and item.get("superseded_by"))]
             stored = await memories.add(user, [replace(item, source="import") for item in items])
             show(args, [m.to_dict() for m in stored])

@@ -57,6 +57,10 @@ class Settings:
     inject_max_chars: int = setting(2000, "Most characters of recalled memories injected into one request.")
     memory_max_chars: int = setting(500, "Longest memory text stored; longer texts are cut.")
     write_queue: int = setting(1000, "Pending memory writes held off the request path before new ones are dropped.")
+    contact_info: str = setting("keep", "E-mail addresses and phone numbers in a memory: keep, mask (stored as "
+                                        "`[email]` / `[phone]`) or refuse (the API answers 400, a chat drops it).")
+    phone_region: str = setting("US", "Region (ISO 3166-1 alpha-2) of phone numbers written without a country code, "
+                                      "for `contact_info`.")
     admin_token: str = setting("", "If set, `/memories` and `/sessions` require `Authorization: Bearer <token>`.")
     proxy_keys: str = setting("", "`tenant:key,...`: clients must send a proxy key (memory is kept per tenant "
                                   "+ user); needs upstream_key.")
@@ -190,6 +194,11 @@ def _validate(s: Settings) -> None:
     for name in ("min_similarity", "dedupe_similarity", "conversation_min_similarity"):
         if not -1.0 <= getattr(s, name) <= 1.0:
             raise ConfigError(f"setting {name!r} must be a cosine similarity between -1 and 1")
+    if s.contact_info not in ("keep", "mask", "refuse"):
+        raise ConfigError(f"contact_info must be keep, mask or refuse, got {s.contact_info!r}")
+    if len(s.phone_region) != 2 or not s.phone_region.isalpha() or not s.phone_region.isupper():
+        raise ConfigError(f"phone_region must be a two-letter upper-case region code (ISO 3166-1), got "
+                          f"{s.phone_region!r}")
     if s.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
     _validate_sessions(s)

@@ -23,7 +23,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from proxy.embed import cache_key
-from proxy.rewrite import SYSTEM_ROLES
+from proxy.rewrite import SYSTEM_ROLES, quote
 
 TOKENIZER = Path(__file__).resolve().parent / "data" / "tokenizer.json"
 PER_MESSAGE = 4  # role and framing around each message, as OpenAI counts them
@@ -153,7 +153,9 @@ def with_summary(messages: Sequence[Any], summary: str) -> list[Any]:
 
 
 def summary_message(summary: str, role: str = "system") -> dict[str, Any]:
-    return {"role": role, "content": SUMMARY_HEADER + summary}
+    """The summary as a message. It is stored model output about the conversation, so it goes in quoted, as
+    data (proxy/rewrite.py `quote`), like every stored value that reaches a prompt."""
+    return {"role": role, "content": SUMMARY_HEADER + quote(summary)}
 
 
 def fit(messages: Sequence[Any], tokens: Sequence[int] | None, *, window: int | None = None,

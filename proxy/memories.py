@@ -12,9 +12,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from proxy.errors import StoreError
-from proxy.models import Forget, Hit, Memory, NewMemory, Operation
-from proxy.sensitive import secret_kind
+from proxy.errors import BadRequest, StoreError
+from proxy.models import Forget, Hit, Memory, NewMemory, Operation, category_of
+from proxy.sensitive import mask_contacts, secret_kind
 
 if TYPE_CHECKING:
     from proxy.config import Settings
@@ -27,9 +27,46 @@ WRITE_BATCH = 32  # queued jobs stored together, their texts embedded in one mod
 
 
 def clean_text(text: str, max_chars: int) -> str:
-    """Stored text: no control characters (newlines and tabs folded to spaces), trimmed, capped."""
+    """Stored text: no control characters (newlines and tabs folded to spaces), no lone surrogates (U+FFFD
+    instead: no store can encode them), trimmed, capped."""
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     text = CONTROL.sub("", text.replace("\n", " ").replace("\t", " ").replace("\r", " "))
     return " ".join(text.split())[:max_chars].strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Cleaning:
+    """The one cleaning every write path applies — a chat's <memory> block, the REST API (add, patch, import),
+    the CLI and `migrate` — so that every stored field that reaches a prompt is data:
+
+    - no field holds a secret (proxy/sensitive.py, on the NFKC-normalised text, the category included);
+    - the text has no control characters, newlines and tabs folded to spaces, at most `max_chars` long;
+    - e-mail addresses and phone numbers are kept, masked (`[email]`, `[phone]`) or refused (`contact_info`);
+    - the category is one of CATEGORIES (`category_of`: aliases mapped, anything else "fact").
+    """
+
+    max_chars: int = 500
+    contact_info: str = "keep"
+    phone_region: str = "US"
+
+    def item(self, item: NewMemory, param: str = "") -> NewMemory:
+        """The item as it is stored. Raises BadRequest (400; `code` secret_refused or contact_refused, `param` the
+        field, after `param` when given) when it must not be stored, or when its text is empty once cleaned."""
+        for field, value in (("text", item.text), ("category", item.category)):
+            kind = secret_kind(value) if isinstance(value, str) else None
+            if kind:
+                raise BadRequest(f"'{field}' looks like it holds a {kind}; secrets are never stored",
+                                 param=f"{param} {field}".strip(), code="secret_refused")
+        text = clean_text(item.text, self.max_chars)
+        if self.contact_info != "keep" and text:
+            masked, found = mask_contacts(text, self.phone_region)
+            if found and self.contact_info == "refuse":
+                raise BadRequest("'text' holds an e-mail address or a phone number, which this proxy does not store",
+                                 param=f"{param} text".strip(), code="contact_refused")
+            text = masked
+        if not text:
+            raise BadRequest("'text' is empty once cleaned", param=f"{param} text".strip())
+        return replace(item, text=text, category=category_of(item.category))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +77,13 @@ class Job:
 
 class Memories:
     def __init__(self, store: Store, embedder: Embedder, *, k: int = 5, min_similarity: float = 0.3,
-                 max_chars: int = 500, queue_size: int = 1000) -> None:
+                 max_chars: int = 500, queue_size: int = 1000, cleaning: Cleaning | None = None) -> None:
         self.store = store
         self.embedder = embedder
         self.k = k
         self.min_similarity = min_similarity
         self.max_chars = max_chars
+        self.cleaning = cleaning or Cleaning(max_chars)
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
         self.dropped = 0
         self.failed = 0
@@ -60,15 +98,14 @@ class Memories:
                                        self.min_similarity if min_similarity is None else min_similarity)
 
     def clean(self, items: Sequence[NewMemory]) -> list[NewMemory]:
-        """The items to store: texts cleaned and capped; empty ones and obvious secrets left out."""
+        """The items to store, as `Cleaning` makes them; those it refuses are left out and logged."""
         cleaned = []
         for item in items:
-            text = clean_text(item.text, self.max_chars)
-            kind = secret_kind(text)
-            if kind:
-                log.warning("not storing a memory that looks like a %s", kind)  # never log the text itself
-            elif text:
-                cleaned.append(replace(item, text=text))
+            try:
+                cleaned.append(self.cleaning.item(item))
+            except BadRequest as exc:
+                if exc.code:  # refused (a secret, a contact); the message names the field, never the text
+                    log.warning("not storing a memory: %s", exc.message)
         return cleaned
 
     async def add(self, user: str, items: Sequence[NewMemory]) -> list[Memory]:
@@ -156,6 +193,10 @@ class Memories:
                 await self._worker
 
 
+def cleaning_for(settings: Settings) -> Cleaning:
+    return Cleaning(settings.memory_max_chars, settings.contact_info, settings.phone_region)
+
+
 @asynccontextmanager
 async def open_memories(settings: Settings, *, store: Store | None = None, embedder: Embedder | None = None,
                         ready: Callable[[str], None] = lambda part: None) -> AsyncIterator[Memories]:
@@ -176,7 +217,8 @@ async def open_memories(settings: Settings, *, store: Store | None = None, embed
             stack.push_async_callback(store.close)
         ready("store")
         memories = Memories(store, embedder, k=settings.recall_k, min_similarity=settings.min_similarity,
-                            max_chars=settings.memory_max_chars, queue_size=settings.write_queue)
+                            max_chars=settings.memory_max_chars, queue_size=settings.write_queue,
+                            cleaning=cleaning_for(settings))
         memories.start()
         stack.push_async_callback(memories.stop)
         yield memories

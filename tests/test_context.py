@@ -23,6 +23,7 @@ from proxy.context import (
     with_summary,
 )
 from proxy.errors import ConfigError
+from proxy.rewrite import quote
 
 COUNTER = TokenCounter()
 
@@ -110,9 +111,9 @@ def test_trim_properties(roles: list[str], costs: list[int], budget: int, window
 def test_the_summary_goes_right_after_the_first_system_message_in_its_role() -> None:
     messages = [msg("developer", "rules"), msg("system", "more"), msg("user", "hi")]
     out = with_summary(messages, "we talked")
-    assert out[1] == {"role": "developer", "content": SUMMARY_HEADER + "we talked"}
+    assert out[1] == {"role": "developer", "content": SUMMARY_HEADER + "\"we talked\""}
     assert out[0] is messages[0] and out[2:] == messages[1:]
-    assert with_summary([msg("user", "hi")], "s")[0] == {"role": "system", "content": SUMMARY_HEADER + "s"}
+    assert with_summary([msg("user", "hi")], "s")[0] == {"role": "system", "content": SUMMARY_HEADER + "\"s\""}
 
 
 def test_fit_puts_the_summary_in_where_turns_were_left_out_and_counts_it() -> None:
@@ -123,7 +124,7 @@ def test_fit_puts_the_summary_in_where_turns_were_left_out_and_counts_it() -> No
     summary_tokens = COUNTER.messages([with_summary([], summary)[0]])[0]
     assert fit(messages, tokens, budget=everything, summary=summary, summary_tokens=summary_tokens) == (messages, 0)
     sent, dropped = fit(messages, tokens, budget=everything - 1, summary=summary, summary_tokens=summary_tokens)
-    assert sent[1]["content"] == SUMMARY_HEADER + summary and dropped >= 2
+    assert sent[1]["content"] == SUMMARY_HEADER + quote(summary) and dropped >= 2
     assert COUNTER.total(sent) <= everything - 1
     always, none_dropped = fit(messages, tokens, summary=summary, summary_tokens=summary_tokens, always_summary=True)
     assert none_dropped == 0 and always == with_summary(messages, summary)

@@ -176,7 +176,7 @@ def test_two_hundred_turns_stay_within_the_budget_with_the_summary_present(fake:
     assert counter.total(conversation) > 15 * budget  # what the whole conversation would cost
     last = sent[-1]
     assert last[-1]["content"].startswith("Question 199:") and last[0]["content"] == INSTRUCTION
-    assert last[1]["role"] == "system" and last[1]["content"].startswith(SUMMARY_HEADER + "Summary v")
+    assert last[1]["role"] == "system" and last[1]["content"].startswith(SUMMARY_HEADER + "\"Summary v")
     assert ("assistant", "Answer 198: topic 198 is a fine subject with a long history and many details.") in talk(
         upstream.talks[-1])  # the recent turns verbatim
     assert sum(1 for messages in sent if messages[1]["content"].startswith(SUMMARY_HEADER)) > 150
@@ -206,7 +206,7 @@ def test_store_mode_puts_the_summary_where_a_budget_cut_the_turns(fake: tuple[Up
         history.append({"role": "user", "content": "And tomorrow?"})
         say(client, "", messages=history)
     sent = upstream.talks[-1].json()["messages"]
-    assert sent[1]["content"].startswith(SUMMARY_HEADER + "Summary v1")
+    assert sent[1]["content"].startswith(SUMMARY_HEADER + "\"Summary v1")
     assert sent[-1] == history[-1] and len(sent) < len(history) and TokenCounter().total(sent) <= 300
 
 
