@@ -110,6 +110,8 @@ def preflight(settings: Settings) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from proxy.limits import server_options
+
     settings = settings_from(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: noise in the log and a cost on the hot path.
@@ -120,7 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
         os.environ[config.ENV_PREFIX + name.upper()] = str(value)
     uvicorn.run("proxy.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
-                loop="auto", http="auto", lifespan="on", server_header=False)
+                loop="auto", lifespan="on", server_header=False, **server_options(settings))
     return 0
 
 
