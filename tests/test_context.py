@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from proxy import config
 from proxy.context import (
+    CHUNK_CHARS,
     PART_TOKENS,
     PER_MESSAGE,
     PRIMING,
@@ -155,3 +156,28 @@ def test_per_model_budgets() -> None:
 def test_session_settings_are_checked_at_start(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.load(environ={"HOME": "/h", **env})
+
+
+ROLES = st.sampled_from(["system", "developer", "user", "assistant", "tool"])
+WORDS = st.text(st.sampled_from("ab cd, é 世 !"), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(ROLES, WORDS), min_size=1, max_size=12), st.integers(0, 120))
+def test_counting_that_stops_at_the_budget_trims_as_exact_counting_does(parts: list[tuple[str, str]],
+                                                                         budget: int) -> None:
+    messages = [msg(role, text) for role, text in parts]
+    exact = COUNTER.messages(messages)
+    capped = TokenCounter().messages(messages, budget)
+    assert trim(messages, capped, budget=budget) == trim(messages, exact, budget=budget)
+    assert all(c == e or c == budget + 1 for c, e in zip(capped, exact, strict=True))
+
+
+def test_long_texts_are_counted_in_chunks_and_stop_past_the_cap() -> None:
+    sentence = "The quick brown fox jumps over the lazy dog, again and again. "
+    text = sentence * 2000  # ~124k characters: eight chunks
+    assert len(text) > 4 * CHUNK_CHARS
+    whole = len(COUNTER.tokenizer.encode(text, add_special_tokens=False).ids)
+    assert TokenCounter().text(text) == whole  # chunks end at spaces: the sum is the whole count
+    capped = TokenCounter().texts([text], cap=100)[0]
+    assert 100 < capped < whole  # stopped after the first chunk
