@@ -363,6 +363,49 @@ def held_out(rng: random.Random) -> tuple[list[str], list[str]]:
     return secrets, harmless
 
 
+def blind_set(rng: random.Random) -> tuple[list[str], list[str]]:
+    """(secrets, harmless) written after the second set's fixes, as a second blind check. Its first run measured
+    recall 0.733 with 0.0% harmless refused; the families its misses exposed ("login: admin / Qwerty!234" pairs,
+    "became", ATM and multi-word code names, French door codes, the key of a named Wi-Fi network, wallet seed
+    phrases) were then fixed, so it is no longer blind either."""
+    secrets = [
+        "Bob's Instagram password? It's sunflower88", "remember my laptop login: admin / Qwerty!234",
+        "the gym locker code is 3391", "My bank PIN, just so you know, is 6612", "pw for the NAS is n4s-b0x!",
+        "Her Spotify account password became Melody#12 last week", "The garage door opener code: 7720",
+        "Alice's ATM code is 9041", "wifi at grandma's: network Casa, key ola12345", "PIN of the work badge is 5008",
+        "Set the Discord password to 'purplecat77' please remember", "The passcode for my phone is 142536",
+        "Das Passwort lautet jetzt Sommer2024!", "Le code de la porte d'entrée est 4B19",
+        "Contraseña del correo: Gato_2020", "card: 5425 2334 3010 9903", "Visa 4000 0566 5566 5556 exp 11/26",
+        "amex 3782-822463-10005", "OpenAI key: sk-" + rand(rng, ALNUM, 48),
+        "ANTHROPIC_API_KEY=sk-ant-api03-" + rand(rng, URLSAFE, 90),
+        "github token: github_pat_" + rand(rng, ALNUM, 22) + "_" + rand(rng, ALNUM, 59),
+        "the AWS key pair is AKIA" + rand(rng, string.ascii_uppercase + "234567", 16) + " and secret "
+        + rand(rng, B64, 40), "My Twitter login is @bob with password bobrocks", "The iPad unlock PIN is 0000",
+        "Security question answer: first car was a Fiat", "Bob shared his Netflix creds: bob@mail.com / Netfl1x!",
+        "The alarm system master code is 84-21-09", "Her online banking passcode: 77aa88bb",
+        "recovery phrase: apple banana cherry dog elephant fish grape house igloo jam kite lemon",
+        "Database password = hunter2-prod",
+    ]
+    harmless = [
+        "User's password manager subscription renews in May", "User asked me to remind them to change passwords",
+        "User's PIN number was reissued by the bank last month", "User's door code changed, they will tell us later",
+        "User bought a 4-digit combination lock for the bike", "User's favourite film is 'The Da Vinci Code'",
+        "User's locker is next to the door", "User's recovery from the surgery took 6 weeks",
+        "User's secret to good bread is patience", "User's key ring has 7 keys",
+        "User's credit card limit is 2000 euros", "User's bank is open until 16:00", "User's phone is an iPhone 13",
+        "User's Wi-Fi router is in the hallway", "User works as a locksmith",
+        "User's token collection includes 1920s coins", "User's access to the building is from 7 to 19",
+        "User's safe deposit box is at the main branch", "User's son is learning about passwords at school",
+        "User's alarm goes off at 6:45", "User's GitHub profile has 300 stars",
+        "User's API usage last month was 1.2 million tokens", "User's bus pass costs 40 euros a month",
+        "User's pin badge collection has 120 pins", "User's card collection includes a 1952 Topps",
+        "User's password is never stored by the assistant", "User's security clearance is level 2",
+        "User uses the same email for work and home", "User's apartment code of conduct forbids pets",
+        "User's four kids are 4, 8, 2 and 1 years old",
+    ]
+    return secrets, harmless
+
+
 def corpus() -> list[Example]:
     rng = random.Random(SEED)
     secrets = ([Example(t, True, "password") for t in password_statements(rng)]
@@ -370,9 +413,10 @@ def corpus() -> list[Example]:
                + [Example(t, True, "card") for t in card_statements(rng)]
                + [Example(t, True, "credential") for t in credential_statements(rng)])
     plain = [Example(t, False, "harmless") for t in harmless(rng)]
-    kept_secrets, kept_harmless = held_out(random.Random(SEED + 1))
-    secrets += [Example(t, True, "held-out") for t in kept_secrets]
-    plain += [Example(t, False, "held-out") for t in kept_harmless]
+    for kind, make, seed in (("second set", held_out, SEED + 1), ("third set", blind_set, SEED + 2)):
+        kept_secrets, kept_harmless = make(random.Random(seed))
+        secrets += [Example(t, True, kind) for t in kept_secrets]
+        plain += [Example(t, False, kind) for t in kept_harmless]
     seen: set[str] = set()
     unique = []
     for example in secrets + plain:

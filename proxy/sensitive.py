@@ -142,7 +142,7 @@ NOT_VALUES = ("a", "an", "the", "not", "never", "no", "none", "easy", "hard", "s
               "yours", "mine", "his", "hers", "theirs", "ours", "user", "user's", "my", "your", "her", "their",
               "our", "its")
 LINK = (r"(?::=|->|-->|[:=]|(?<!\w)(?:is|was|est|es|ist|é|è|to|c'est|it's|it is|are|sind|set to|changed to|now|"
-        r"to be|has been|have been|lautet|will be|becomes)(?!\w))")
+        r"to be|has been|have been|lautet|will be|becomes|became)(?!\w))")
 VALUE = (r"(?!(?:" + "|".join(map(re.escape, NOT_VALUES)) + r")(?:[\s.!?,;]|$))"
          r"(?P<value>\"[^\"]{2,64}\"|'[^']{2,64}'|[^\s\"',;()]{2,64})")
 # "<keyword> [for the mail account] is <value>", "<keyword>: <value>", "pass: <value>"
@@ -160,16 +160,18 @@ STATED_NEXT = re.compile(rf"\b{PASSWORD_WORDS}\s*[(\"']?\s*[^\s\"',;()]*[\d!@#$%
 STATED_AS = re.compile(rf"\b(?:uses?|using|with|chose|picked|has)\s+{VALUE}\s+as\s+"
                        rf"(?:[^\s.]+\s+){{0,3}}?{PASSWORD_WORDS}\b(?! {COMPOUNDS}\b)", re.IGNORECASE)
 # "<value> is the user's bank password", "<value> — that's her Gmail password", "<value> es la contraseña"
-STATED_BEFORE = re.compile(rf"{VALUE}\s*(?:,|—|-|\u2013)?\s+(?:is|was|es|est|ist|é|è|that's|"
+STATED_BEFORE = re.compile(rf"(?<![^\s\"'(]){VALUE}\s*(?:,|—|-|\u2013)?\s+(?:is|was|es|est|ist|é|è|that's|"
                            rf"c'est)\s+(?:[^\s.]+\s+){{0,4}}?{PASSWORD_WORDS}\b(?! {COMPOUNDS}\b)", re.IGNORECASE)
 # Keys and codes that unlock something, named in words: "the Wi-Fi key is 8F3K-29LM-QQ71", "backup codes: 8271-6252"
 UNLOCK_KEY = re.compile(r"\b(?:wi-?fi|wlan|network|wpa2?|licen[cs]e|product|recovery|backup|activation|encryption"
                         r"|bitlocker|2fa|mfa|one-time|otp|totp|seed)\s+(?:key|keys|code|codes|phrase|secret)\b"
                         rf"[^.\n]{{0,20}}?(?:{LINK}|\s)\s*(?=[^\s,;]*\d)[A-Za-z0-9][A-Za-z0-9\-]{{3,}}", re.IGNORECASE)
 CODE_WORDS = (r"(?:pin(?:[ \-]?(?:code|number|nummer))?|puk(?: code)?|code pin|geheimzahl|(?:door|alarm|garage|gate"
-              r"|entry|unlock|access|building|entrance|lock ?screen|safe|locker|padlock|voicemail)(?: [a-z]+)? ?code"
-              r"|code (?:to|for|of) [\w' ]{0,30}|combination(?: of the [a-z]+| lock)?|passcode)")
-CODE_VALUE = r"(?P<code>\d{3,10}#?|\d{1,3}(?:[\-/ ]\d{1,3}){2,4})"
+              r"|entry|unlock|access|building|entrance|lock ?screen|safe|locker|padlock|voicemail|atm|t[üu]r|tor)"
+              r"(?: [a-z]+){0,2} ?code|code (?:to|for|of|de|du|des|d'|für) ?[\w' ]{0,30}"
+              r"|c[oó]digo (?:de|del) [\w ]{0,30}|combination(?: of the [a-z]+| lock)?|passcode)")
+# Digits (a trailing # for a keypad), digits in groups ("84-21-09"), or a short code mixing digits and letters.
+CODE_VALUE = r"(?P<code>\d{3,10}#?|\d{1,3}(?:[\-/ ]\d{1,3}){2,4}|(?=[A-Za-z]*\d)(?=\d*[A-Za-z])[A-Za-z0-9]{3,10})"
 # "PIN 4821", "PIN: 4821", "the door code is 4821#", "code PIN de la carte : 4821", "unlocks it with PIN 4821"
 CODE_STATED = re.compile(rf"\b{CODE_WORDS}\b(?:\s*[:=#]?\s*|(?:[^.:=\n\d]{{0,40}}?)\s*(?:{LINK}|:)\s*){CODE_VALUE}"
                          rf"(?![\d])", re.IGNORECASE)
@@ -177,9 +179,25 @@ CODE_BEFORE = re.compile(r"(?<![\d\-/])\d{3,10}\s+(?:is|was|es|est|ist)\s+(?:[^\
                          r"(?:pin|puk|passcode|geheimzahl)\b", re.IGNORECASE)
 
 
+# "login: admin / Qwerty!234", "creds: bob@mail.com / Netfl1x!": a user name, a slash, a secret-looking value.
+LOGIN_PAIR = re.compile(r"\b(?:login|log-?in|creds|credentials)\b[^/\n]{0,20}?[:=]?\s*[^\s/]{1,64}\s*/\s*"
+                        r"(?:password\s*)?[^\s\"',;()]*[\d!@#$%^&*+=?~|][^\s\"',;()]*", re.IGNORECASE)
+# The key of a named Wi-Fi network: "wifi at grandma's: network Casa, key ola12345"
+NETWORK_KEY = re.compile(r"\b(?:wi-?fi|wlan|wpa2?|router)\b[^.\n]{0,40}?\b(?:key|password|pass|pw|code)\b\s*[:=]?\s*"
+                         r"(?=[^\s,;]*\d)[^\s,;]{4,64}", re.IGNORECASE)
+# A wallet's recovery (BIP-39 seed) phrase: twelve or more lower-case words after its name.
+SEED_PHRASE = re.compile(r"\b(?:recovery|seed|mnemonic|backup|secret|wallet)\s+(?:phrase|words)\b\s*[:=]?\s*"
+                         r"(?:[a-z]{3,8}[ ,]+){11,23}[a-z]{3,8}\b", re.IGNORECASE)
+
+
+KEYWORD = re.compile(rf"\b{PASSWORD_WORDS}\b", re.IGNORECASE)
+
+
 def stated_password(text: str) -> bool:
-    return any(pattern.search(text) for pattern in (STATED_AFTER, STATED_BEFORE, STATED_AS, STATED_PASS, STATED_NEXT,
-                                                    UNLOCK_KEY))
+    # The patterns built around a password word are the costly ones: tried only when such a word is there.
+    keyed = (STATED_AFTER, STATED_BEFORE, STATED_AS, STATED_NEXT) if KEYWORD.search(text) else ()
+    return any(pattern.search(text) for pattern in (*keyed, STATED_PASS, UNLOCK_KEY, LOGIN_PAIR, NETWORK_KEY,
+                                                    SEED_PHRASE))
 
 
 def stated_code(text: str) -> bool:
