@@ -14,10 +14,9 @@ from starlette.routing import Route
 
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
-from proxy.memories import Memories, clean_text
+from proxy.memories import Cleaning, Memories
 from proxy.models import Memory, NewMemory, check_user_id
 from proxy.passthrough import read_body
-from proxy.sensitive import secret_kind
 from proxy.sessions import Sessions
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -66,9 +65,11 @@ async def json_body(request: Request) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def new_memory(item: Any, *, param: str = "text", max_chars: int | None = None) -> NewMemory:
-    """A NewMemory from `{"text", "category"?, "ttl_seconds"?}`, or a clear 400 (a text over `max_chars` is
-    refused rather than cut: the caller sent it on purpose and should know)."""
+def new_memory(item: Any, *, param: str = "text", max_chars: int | None = None,
+               cleaning: Cleaning | None = None) -> NewMemory:
+    """A NewMemory from `{"text", "category"?, "ttl_seconds"?}`, cleaned as every write path cleans
+    (proxy/memories.py `Cleaning`), or a clear 400 (a text over `max_chars` is refused rather than cut: the caller
+    sent it on purpose and should know; a secret in any field is refused)."""
     if not isinstance(item, dict):
         raise BadRequest("each memory must be an object with a 'text'", param=param)
     text, category, ttl = item.get("text"), item.get("category", "fact"), item.get("ttl_seconds")
@@ -77,16 +78,14 @@ def new_memory(item: Any, *, param: str = "text", max_chars: int | None = None) 
     if max_chars is not None and len(text) > max_chars:
         raise BadRequest(f"'text' is {len(text)} characters long, over the limit of {max_chars}", param="text",
                          code="text_too_long")
-    kind = secret_kind(text)
-    if kind:
-        raise BadRequest(f"'text' looks like it holds a {kind}; secrets are never stored", param="text",
-                         code="secret_refused")
     if not isinstance(category, str) or not category.strip() or len(category) > 64:
         raise BadRequest("'category' must be a short string", param="category")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl)
                             or ttl <= 0):
         raise BadRequest("'ttl_seconds' must be a positive number", param="ttl_seconds")
-    return NewMemory(text=text, category=clean_text(category, 64).lower(), source="api", ttl_seconds=ttl)
+    cleaning = cleaning or Cleaning(max_chars or len(text))
+    return cleaning.item(NewMemory(text=text, category=category, source="api", ttl_seconds=ttl),
+                         param="" if param == "text" else param)
 
 
 @guarded
@@ -105,7 +104,8 @@ async def list_memories(request: Request) -> Response:
 async def add_memories(request: Request) -> Response:
     memories, user = memories_of(request)
     body = await json_body(request)
-    items = [new_memory(item, max_chars=memories.max_chars) for item in (body if isinstance(body, list) else [body])]
+    items = [new_memory(item, max_chars=memories.max_chars, cleaning=memories.cleaning)
+             for item in (body if isinstance(body, list) else [body])]
     if not items:
         raise BadRequest("give a memory object or a non-empty array of them")
     stored = await memories.add(user, items)
@@ -148,8 +148,9 @@ async def patch_memory(request: Request) -> Response:
     body = await json_body(request)
     if not isinstance(body, dict) or not {"text", "category", "ttl_seconds"} & body.keys():
         raise BadRequest("give at least one of 'text', 'category', 'ttl_seconds'")
-    patch = new_memory({"text": memory.text, "category": memory.category, **body}, max_chars=memories.max_chars)
-    text = clean_text(patch.text, memories.max_chars) if "text" in body else None
+    patch = new_memory({"text": memory.text, "category": memory.category, **body}, max_chars=memories.max_chars,
+                       cleaning=memories.cleaning)
+    text = patch.text if "text" in body else None
     vector = (await memories.embedder.embed([text]))[0] if text else None
     expires_at = time.time() + patch.ttl_seconds if "ttl_seconds" in body and patch.ttl_seconds else None
     updated = await memories.store.update(user, memory.id, text=text, vector=vector,
@@ -205,7 +206,7 @@ async def import_memories(request: Request) -> Response:
     for number, item in enumerate(parse_lines(body), start=1):
         if isinstance(item, dict) and item.get("superseded_by"):
             continue  # history stays behind: only what would be recalled comes across
-        items.append(new_memory(item, param=f"item {number}", max_chars=memories.max_chars))
+        items.append(new_memory(item, param=f"item {number}", max_chars=memories.max_chars, cleaning=memories.cleaning))
     stored = await memories.add(user, items) if items else []
     return json_response({"object": "list", "data": [m.to_dict() for m in stored]}, status=201)
 

@@ -20,6 +20,7 @@ from proxy.config import Settings
 from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
 from proxy.extraction import open_extractor
+from proxy.limits import HEAD_TIMEOUT_STATE, RequestLimits
 from proxy.memories import open_memories
 from proxy.passthrough import passthrough
 from proxy.server import DateHeader
@@ -39,7 +40,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     gate = Gate.from_settings(settings)  # a bad proxy_keys setting stops the start, not the first request
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, float]]:
         app.state.parts = {"upstream": False, "model": False, "store": False}
         if gate.open:
             log.warning("no admin_token or proxy_keys set: anyone who can reach this proxy can read and change "
@@ -57,7 +58,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
             # The first model run is the slow one: take it now, not on a user's request.
             await app.state.memories.embedder.embed(["warm up"])
             try:
-                yield
+                yield {HEAD_TIMEOUT_STATE: settings.request_head_timeout}  # read by each connection (limits.py)
             finally:
                 app.state.parts = {}
 
@@ -74,7 +75,9 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         Route("/v1/{path:path}", passthrough, methods=ALL_METHODS),
         Route("/openai/{path:path}", passthrough, methods=ALL_METHODS),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(DateHeader)], exception_handlers={
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[
+        Middleware(DateHeader), Middleware(RequestLimits, body_timeout=settings.request_body_timeout),
+    ], exception_handlers={
         ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected_error,
     })
     app.state.settings = settings

@@ -9,14 +9,21 @@ Three independent locks, each off until configured:
 - The admin token (`admin_token`): the management API answers a caller holding it, or a proxy key (scoped to
   that key's tenant); with either configured, nobody else.
 - Signed users (`user_signing_secret`): the user header counts only with `X-Memory-User-Signature:
-  <hex HMAC-SHA256 of the user id>`, for apps behind a gateway that vouches for its users; the body's `user`
-  field then names no one (an end user could put anything there).
+  t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<user id>">`, for apps behind a gateway that vouches for its
+  users; a signature is good for `user_signature_max_age` seconds either side of its time (a leaked one stops
+  working), and the old unexpiring form (hex HMAC of the id alone) counts only with `user_signature_legacy`.
+  The body's `user` field then names no one (an end user could put anything there).
+
+Both credentials are sent as `Authorization: Bearer <token>`; the scheme is matched case-insensitively, as RFC
+9110 section 11.1 says auth schemes are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+import time
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -27,6 +34,14 @@ from proxy.models import TENANT_SEPARATOR, check_user_id
 
 SIGNATURE_HEADER = "x-memory-user-signature"
 TENANT_HEADER = "x-memory-tenant"
+TIMESTAMPED = re.compile(r"t=(\d{1,12}),\s*v1=([0-9a-fA-F]{64})")
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of `Authorization: Bearer <token>` (scheme in any case, RFC 9110 11.1), or None."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 def parse_proxy_keys(spec: str) -> dict[bytes, str]:
@@ -56,13 +71,16 @@ class Gate:
     keys: dict[bytes, str]
     admin_token: str
     signing_secret: bytes
+    signature_max_age: float = 300.0
+    signature_legacy: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gate:
         keys = parse_proxy_keys(settings.proxy_keys)
         if keys and not settings.upstream_key:
             raise ConfigError("proxy_keys needs upstream_key: clients then send proxy keys, never the upstream's")
-        return cls(keys, settings.admin_token, settings.user_signing_secret.encode())
+        return cls(keys, settings.admin_token, settings.user_signing_secret.encode(),
+                   settings.user_signature_max_age, settings.user_signature_legacy)
 
     @property
     def open(self) -> bool:
@@ -71,10 +89,8 @@ class Gate:
 
     def tenant_of_key(self, request: Request) -> str | None:
         """The tenant whose proxy key the request carries, or None when it carries none we know."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return None
-        return self.keys.get(hashlib.sha256(token.strip().encode()).digest())
+        token = bearer_token(request)
+        return None if token is None else self.keys.get(hashlib.sha256(token.encode()).digest())
 
     def client(self, request: Request) -> str | None:
         """For /v1 calls: the caller's tenant (None when proxy keys are off); 401 without a valid key."""
@@ -90,8 +106,8 @@ class Gate:
         """For the management API: the tenant whose users the caller may manage (None: the un-namespaced store).
         The admin token reaches any tenant, named by `X-Memory-Tenant`; a proxy key only its own."""
         if self.admin_token:
-            sent = request.headers.get("authorization", "")
-            if hmac.compare_digest(sent.encode(), f"Bearer {self.admin_token}".encode()):
+            sent = bearer_token(request) or ""
+            if hmac.compare_digest(sent.encode(), self.admin_token.encode()):
                 tenant = request.headers.get(TENANT_HEADER)
                 if tenant is not None and check_user_id(tenant):
                     raise Unauthorized("X-Memory-Tenant is not a valid tenant name")
@@ -105,13 +121,23 @@ class Gate:
         raise Unauthorized("this endpoint needs the admin token (Authorization: Bearer <admin_token>)"
                            + (" or a proxy key" if self.keys else ""))
 
-    def signed(self, request: Request, user: str) -> bool:
-        """Whether the user header's signature is right (always, when signing is off)."""
+    def signed(self, request: Request, user: str, now: float | None = None) -> bool:
+        """Whether the user header's signature is right and current (always, when signing is off)."""
         if not self.signing_secret:
             return True
-        sent = request.headers.get(SIGNATURE_HEADER, "").strip().lower().removeprefix("sha256=")
+        sent = request.headers.get(SIGNATURE_HEADER, "").strip()
+        stamped = TIMESTAMPED.fullmatch(sent)
+        if stamped:
+            at = int(stamped.group(1))
+            if abs((time.time() if now is None else now) - at) > self.signature_max_age:
+                return False
+            expected = hmac.new(self.signing_secret, f"{at}.{user}".encode(), hashlib.sha256).hexdigest()
+            return hmac.compare_digest(stamped.group(2).lower().encode(), expected.encode())
+        if not self.signature_legacy:
+            return False
+        plain = sent.lower().removeprefix("sha256=")
         expected = hmac.new(self.signing_secret, user.encode(), hashlib.sha256).hexdigest()
-        return hmac.compare_digest(sent.encode(), expected.encode())
+        return hmac.compare_digest(plain.encode(), expected.encode())
 
 
 def namespaced(tenant: str | None, user: str) -> str:
@@ -119,6 +145,15 @@ def namespaced(tenant: str | None, user: str) -> str:
     return user if tenant is None else f"{tenant}{TENANT_SEPARATOR}{user}"
 
 
-def sign(secret: str, user: str) -> str:
-    """The signature a gateway sends with a user header (for clients and tests)."""
+def sign(secret: str, user: str, at: float | None = None) -> str:
+    """The `X-Memory-User-Signature` a gateway sends with a user header at time `at` (unix seconds; now when
+    None): `t=<at>,v1=<hex HMAC-SHA256 of "<at>.<user>">`, like Stripe's webhook signatures."""
+    stamp = int(time.time() if at is None else at)
+    digest = hmac.new(secret.encode(), f"{stamp}.{user}".encode(), hashlib.sha256).hexdigest()
+    return f"t={stamp},v1={digest}"
+
+
+def sign_unexpiring(secret: str, user: str) -> str:
+    """The old signature (hex HMAC-SHA256 of the user id alone): it never expires, so it counts only with
+    `user_signature_legacy` on."""
     return hmac.new(secret.encode(), user.encode(), hashlib.sha256).hexdigest()

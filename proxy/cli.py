@@ -20,7 +20,6 @@ from proxy.config import Settings
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.memories import open_memories
 from proxy.models import NewMemory, check_user_id
-from proxy.server import UVICORN_OPTIONS
 from proxy.store.sessions import open_session_store
 
 
@@ -111,6 +110,8 @@ def preflight(settings: Settings) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from proxy.server import server_options
+
     settings = settings_from(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: noise in the log and a cost on the hot path.
@@ -121,7 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
         os.environ[config.ENV_PREFIX + name.upper()] = str(value)
     uvicorn.run("proxy.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
-                loop="auto", http="auto", lifespan="on", **UVICORN_OPTIONS)
+                loop="auto", lifespan="on", **server_options(settings))
     return 0
 
 
@@ -155,8 +156,8 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
             hits = await memories.recall(user, args.query, k=args.k, min_similarity=-1.0)
             show(args, [h.to_dict() for h in hits])
         elif args.verb == "add":
-            show(args, [m.to_dict() for m in await memories.add(
-                user, [NewMemory(args.text, args.category, "cli", args.ttl)])])
+            item = memories.cleaning.item(NewMemory(args.text, args.category, "cli", args.ttl))  # 400s say why
+            show(args, [m.to_dict() for m in await memories.add(user, [item])])
         elif args.verb == "delete":
             if not await store.forget(user, args.id):
                 raise NotFound(f"no memory {args.id!r} for user {user!r}")
@@ -172,7 +173,8 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
                     sys.stdout.write(orjson.dumps(memory.to_dict()).decode() + "\n")
                 before = page[-1].id
         elif args.verb == "import":
-            items = [new_memory(item, param=f"item {n}") for n, item in enumerate(parse_lines(args.data), start=1)
+            items = [new_memory(item, param=f"item {n}", cleaning=memories.cleaning)
+                     for n, item in enumerate(parse_lines(args.data), start=1)
                      if not (isinstance(item, dict) and item.get("superseded_by"))]
             stored = await memories.add(user, [replace(item, source="import") for item in items])
             show(args, [m.to_dict() for m in stored])

@@ -40,6 +40,13 @@ class Settings:
     max_connections: int = setting(1000, "Upstream connection pool size.")
     max_keepalive: int = setting(200, "Idle upstream connections kept open for reuse.")
     max_body_bytes: int = setting(32 * 1024 * 1024, "Largest request body accepted (413 above it).")
+    request_head_timeout: float = setting(10.0, "Seconds a client has to send a request's head (line and headers), "
+                                                "however slowly the bytes come (408 and closed after it).")
+    request_body_timeout: float = setting(120.0, "Seconds a client has to send a request's whole body after its head "
+                                                 "(408 and closed after it).")
+    max_client_connections: int = setting(1000, "Client connections served at once; a request on a connection past "
+                                                "it is answered 503 and the connection closed.")
+    keep_alive_timeout: float = setting(5.0, "Seconds an idle kept-alive client connection stays open.")
     # Memory
     data_dir: str = setting("", "Data directory; default $XDG_DATA_HOME/memory-proxy or ~/.local/share/memory-proxy.")
     db: str = setting("", "Memory store: a SQLite path or sqlite:///path, or a postgresql:// URL. "
@@ -57,11 +64,20 @@ class Settings:
     inject_max_chars: int = setting(2000, "Most characters of recalled memories injected into one request.")
     memory_max_chars: int = setting(500, "Longest memory text stored; longer texts are cut.")
     write_queue: int = setting(1000, "Pending memory writes held off the request path before new ones are dropped.")
+    contact_info: str = setting("keep", "E-mail addresses and phone numbers in a memory: keep, mask (stored as "
+                                        "`[email]` / `[phone]`) or refuse (the API answers 400, a chat drops it).")
+    phone_region: str = setting("US", "Region (ISO 3166-1 alpha-2) of phone numbers written without a country code, "
+                                      "for `contact_info`.")
     admin_token: str = setting("", "If set, `/memories` and `/sessions` require `Authorization: Bearer <token>`.")
     proxy_keys: str = setting("", "`tenant:key,...`: clients must send a proxy key (memory is kept per tenant "
                                   "+ user); needs upstream_key.")
     user_signing_secret: str = setting("", "If set, the user header counts only with a valid "
-                                           "`X-Memory-User-Signature` (hex HMAC-SHA256 of the user id).")
+                                           "`X-Memory-User-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "
+                                           "\"<t>.<user id>\">`.")
+    user_signature_max_age: float = setting(300.0, "Seconds a user signature stays valid either side of its "
+                                                   "timestamp (clock skew included).")
+    user_signature_legacy: bool = setting(False, "Also accept the old unexpiring signature (hex HMAC of the user id "
+                                                 "alone) while gateways move to the timestamped one.")
     max_messages: int = setting(2048, "Most messages accepted in one chat request (400 above it).")
     memory_placement: str = setting("user", "Where recalled memories go: user (at the start of the last user "
                                             "message; the prompt prefix stays cacheable) or system (in the first "
@@ -209,8 +225,8 @@ def _read_file(path: Path) -> dict[str, Any]:
 def _validate(s: Settings) -> None:
     if not s.upstream.startswith(("http://", "https://")):
         raise ConfigError(f"upstream must be an http:// or https:// URL, got {s.upstream!r}")
-    positive = ["port", "workers", "max_connections", "embed_threads", "embed_batch", "recall_k",
-                "max_body_bytes", "write_queue", "memory_max_chars", "max_messages", "session_max_messages",
+    positive = ["port", "workers", "max_connections", "max_client_connections", "embed_threads", "embed_batch",
+                "recall_k", "max_body_bytes", "write_queue", "memory_max_chars", "max_messages", "session_max_messages",
                 "summary_keep_messages", "filter_max_bytes", "memory_block_max_chars", "extract_queue"]
     for name in positive:
         if getattr(s, name) < 1:
@@ -218,6 +234,14 @@ def _validate(s: Settings) -> None:
     for name in ("min_similarity", "dedupe_similarity", "conversation_min_similarity"):
         if not -1.0 <= getattr(s, name) <= 1.0:
             raise ConfigError(f"setting {name!r} must be a cosine similarity between -1 and 1")
+    for name in ("request_head_timeout", "request_body_timeout", "keep_alive_timeout", "user_signature_max_age"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"setting {name!r} must be positive")
+    if s.contact_info not in ("keep", "mask", "refuse"):
+        raise ConfigError(f"contact_info must be keep, mask or refuse, got {s.contact_info!r}")
+    if len(s.phone_region) != 2 or not s.phone_region.isalpha() or not s.phone_region.isupper():
+        raise ConfigError(f"phone_region must be a two-letter upper-case region code (ISO 3166-1), got "
+                          f"{s.phone_region!r}")
     if s.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
     if s.memory_placement not in ("user", "system"):

@@ -11,6 +11,8 @@
     ├── ConfigError                 bad settings; raised at start, never on a request
     ├── ModelError                  the embedding model is missing or corrupt; raised at start
     └── StoreError                  503 the memory store failed; the chat path answers without memory
+        └── StoreUnavailable        503 it is down for now (locked, full, read-only, unreachable, its file gone):
+                                    memories that chats produce wait in the write queue and are retried
 
 Errors a client sees are always `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -92,6 +94,11 @@ class ModelError(ProxyError):
 class StoreError(ProxyError):
     status = 503  # the store is down (locked, read-only, full), not the request wrong: worth a retry later
     code = "memory_store_error"
+
+
+class StoreUnavailable(StoreError):
+    """A fault that passes when the store comes back: the same write will succeed later, so queued writes are
+    kept and retried rather than dropped (proxy/memories.py)."""
 
 
 def error_body(message: str, type: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -12,9 +12,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from proxy.errors import StoreError
-from proxy.models import Forget, Hit, Memory, NewMemory, Operation
-from proxy.sensitive import secret_kind
+from proxy.errors import BadRequest, StoreError, StoreUnavailable
+from proxy.models import Forget, Hit, Memory, NewMemory, Operation, category_of
+from proxy.sensitive import mask_contacts, secret_kind
 
 if TYPE_CHECKING:
     from proxy.config import Settings
@@ -24,12 +24,50 @@ if TYPE_CHECKING:
 log = logging.getLogger("memory_proxy.memories")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 WRITE_BATCH = 32  # queued jobs stored together, their texts embedded in one model run
+RETRY_FIRST, RETRY_MAX = 0.25, 5.0  # seconds between tries while the store is down
 
 
 def clean_text(text: str, max_chars: int) -> str:
-    """Stored text: no control characters (newlines and tabs folded to spaces), trimmed, capped."""
+    """Stored text: no control characters (newlines and tabs folded to spaces), no lone surrogates (U+FFFD
+    instead: no store can encode them), trimmed, capped."""
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     text = CONTROL.sub("", text.replace("\n", " ").replace("\t", " ").replace("\r", " "))
     return " ".join(text.split())[:max_chars].strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Cleaning:
+    """The one cleaning every write path applies — a chat's <memory> block, the REST API (add, patch, import),
+    the CLI and `migrate` — so that every stored field that reaches a prompt is data:
+
+    - no field holds a secret (proxy/sensitive.py, on the NFKC-normalised text, the category included);
+    - the text has no control characters, newlines and tabs folded to spaces, at most `max_chars` long;
+    - e-mail addresses and phone numbers are kept, masked (`[email]`, `[phone]`) or refused (`contact_info`);
+    - the category is one of CATEGORIES (`category_of`: aliases mapped, anything else "fact").
+    """
+
+    max_chars: int = 500
+    contact_info: str = "keep"
+    phone_region: str = "US"
+
+    def item(self, item: NewMemory, param: str = "") -> NewMemory:
+        """The item as it is stored. Raises BadRequest (400; `code` secret_refused or contact_refused, `param` the
+        field, after `param` when given) when it must not be stored, or when its text is empty once cleaned."""
+        for field, value in (("text", item.text), ("category", item.category)):
+            kind = secret_kind(value) if isinstance(value, str) else None
+            if kind:
+                raise BadRequest(f"'{field}' looks like it holds a {kind}; secrets are never stored",
+                                 param=f"{param} {field}".strip(), code="secret_refused")
+        text = clean_text(item.text, self.max_chars)
+        if self.contact_info != "keep" and text:
+            masked, found = mask_contacts(text, self.phone_region)
+            if found and self.contact_info == "refuse":
+                raise BadRequest("'text' holds an e-mail address or a phone number, which this proxy does not store",
+                                 param=f"{param} text".strip(), code="contact_refused")
+            text = masked
+        if not text:
+            raise BadRequest("'text' is empty once cleaned", param=f"{param} text".strip())
+        return replace(item, text=text, category=category_of(item.category))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,15 +78,18 @@ class Job:
 
 class Memories:
     def __init__(self, store: Store, embedder: Embedder, *, k: int = 5, min_similarity: float = 0.3,
-                 max_chars: int = 500, queue_size: int = 1000) -> None:
+                 max_chars: int = 500, queue_size: int = 1000, cleaning: Cleaning | None = None) -> None:
         self.store = store
         self.embedder = embedder
         self.k = k
         self.min_similarity = min_similarity
         self.max_chars = max_chars
+        self.cleaning = cleaning or Cleaning(max_chars)
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
-        self.dropped = 0
-        self.failed = 0
+        self.dropped = 0  # writes refused by the full queue
+        self.failed = 0  # writes that failed for good (a bug, a fault the store will not recover from)
+        self.waiting = 0  # writes the writer holds while the store is down
+        self.down = ""  # why the store is down, while it is
         self._worker: asyncio.Task[None] | None = None
 
     async def recall(self, user: str, text: str, k: int | None = None,
@@ -60,15 +101,14 @@ class Memories:
                                        self.min_similarity if min_similarity is None else min_similarity)
 
     def clean(self, items: Sequence[NewMemory]) -> list[NewMemory]:
-        """The items to store: texts cleaned and capped; empty ones and obvious secrets left out."""
+        """The items to store, as `Cleaning` makes them; those it refuses are left out and logged."""
         cleaned = []
         for item in items:
-            text = clean_text(item.text, self.max_chars)
-            kind = secret_kind(text)
-            if kind:
-                log.warning("not storing a memory that looks like a %s", kind)  # never log the text itself
-            elif text:
-                cleaned.append(replace(item, text=text))
+            try:
+                cleaned.append(self.cleaning.item(item))
+            except BadRequest as exc:
+                if exc.code:  # refused (a secret, a contact); the message names the field, never the text
+                    log.warning("not storing a memory: %s", exc.message)
         return cleaned
 
     async def add(self, user: str, items: Sequence[NewMemory]) -> list[Memory]:
@@ -79,11 +119,12 @@ class Memories:
         vectors = await self.embedder.embed([item.text for item in cleaned])
         return await self.store.add(user, cleaned, vectors)
 
-    async def apply_all(self, jobs: Sequence[Job]) -> None:
+    async def apply_all(self, jobs: Sequence[Job]) -> list[Job]:
         """Store the jobs, every new text among them embedded in one model run, each user's jobs in order and the
         users side by side: under load the writer keeps up with the requests, where a model run and an event-loop
-        round trip per job would fall behind and fill the queue. A job that fails is logged and counted; the
-        others are stored all the same."""
+        round trip per job would fall behind and fill the queue. Returns the jobs to try again, in order: those
+        the store could not take because it is down (StoreUnavailable), with the later jobs of the same users. A
+        job that fails otherwise is logged and counted; the others are stored all the same."""
         batches = [self.clean([op for op in job.operations if isinstance(op, NewMemory)]) for job in jobs]
         texts = [item.text for batch in batches for item in batch]
         try:
@@ -91,32 +132,39 @@ class Memories:
         except Exception:
             self.failed += len(jobs)
             log.exception("could not embed %d memory text(s)", len(texts))
-            return
-        per_user: dict[str, list[tuple[Job, list[NewMemory], Vector | None]]] = {}
+            return []
+        per_user: dict[str, list[tuple[int, Job, list[NewMemory], Vector | None]]] = {}
         start = 0
-        for job, batch in zip(jobs, batches, strict=True):
+        for number, (job, batch) in enumerate(zip(jobs, batches, strict=True)):
             rows = None if vectors is None or not batch else vectors[start:start + len(batch)]
-            per_user.setdefault(job.user, []).append((job, batch, rows))
+            per_user.setdefault(job.user, []).append((number, job, batch, rows))
             start += len(batch)
-        await asyncio.gather(*(self._store_in_order(work) for work in per_user.values()))
+        again = await asyncio.gather(*(self._store_in_order(work) for work in per_user.values()))
+        return [jobs[number] for number in sorted(number for numbers in again for number in numbers)]
 
-    async def _store_in_order(self, work: list[tuple[Job, list[NewMemory], Vector | None]]) -> None:
-        for job, batch, rows in work:
+    async def _store_in_order(self, work: list[tuple[int, Job, list[NewMemory], Vector | None]]) -> list[int]:
+        """Store one user's jobs in order; the numbers of those left for later (the store is down)."""
+        for position, (_number, job, batch, rows) in enumerate(work):
             try:
                 for op in job.operations:
                     if isinstance(op, Forget):
                         await self.store.forget(job.user, op.id)
                 if batch and rows is not None:
                     await self.store.add(job.user, batch, rows)
-            except StoreError as exc:  # a known store fault (locked, read-only, full) says it all in one line
+            except StoreUnavailable as exc:
+                self.down = exc.message
+                return [number for number, *_ in work[position:]]  # this job and the user's later ones wait
+            except StoreError as exc:  # a known store fault says it all in one line
                 self.failed += 1
                 log.error("could not store %d memory operation(s): %s", len(job.operations), exc.message)
             except Exception:
                 self.failed += 1
                 log.exception("could not store %d memory operation(s)", len(job.operations))
+        return []
 
     def remember(self, user: str, operations: Sequence[Operation]) -> bool:
-        """Queue operations to apply off the request path; False (and logged) when the queue is full."""
+        """Queue operations to apply off the request path; False (counted in `dropped`, and logged) when the queue
+        is full — as it fills while the store is down and the writer holds the writes it cannot make yet."""
         if not operations:
             return True
         try:
@@ -124,22 +172,39 @@ class Memories:
             return True
         except asyncio.QueueFull:
             self.dropped += 1
-            log.warning("memory write queue is full: dropped %d operation(s) for a user", len(operations))
+            log.warning("memory write queue is full%s: dropped %d operation(s) for a user (%d dropped so far)",
+                        " (the store is down)" if self.down else "", len(operations), self.dropped)
             return False
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._work(), name="memory-writer")
 
     async def _work(self) -> None:
+        """The writer: a batch of queued jobs at a time. While the store is down it holds the jobs it could not
+        store and tries them again (backing off from RETRY_FIRST to RETRY_MAX seconds) before taking new ones, so
+        they are stored in order once it is back; meanwhile new jobs wait in the bounded queue."""
+        waiting: list[Job] = []
+        pause = RETRY_FIRST
         while True:
-            jobs = [await self.queue.get()]
-            while len(jobs) < WRITE_BATCH and not self.queue.empty():
+            jobs = waiting or [await self.queue.get()]
+            while not waiting and len(jobs) < WRITE_BATCH and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
             try:
-                await self.apply_all(jobs)
+                waiting = await self.apply_all(jobs)
             finally:
-                for _ in jobs:
+                for _ in range(len(jobs) - len(waiting)):
                     self.queue.task_done()
+            self.waiting = len(waiting)
+            if not waiting:
+                if self.down:
+                    log.warning("the memory store is back: the memory writes that waited are stored")
+                self.down, pause = "", RETRY_FIRST
+                continue
+            if pause == RETRY_FIRST:
+                log.error("the memory store is down: %d memory write(s) wait to be retried (%s)", len(waiting),
+                          self.down)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Wait until every queued write is stored (shutdown, tests)."""
@@ -150,10 +215,17 @@ class Memories:
     async def stop(self) -> None:
         """Store what is queued, then stop the writer. The store and embedder stay open for their owner."""
         await self.drain()
+        unstored = self.waiting + self.queue.qsize()
+        if unstored:
+            log.error("stopping with %d memory write(s) not stored: the store was still down", unstored)
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+
+
+def cleaning_for(settings: Settings) -> Cleaning:
+    return Cleaning(settings.memory_max_chars, settings.contact_info, settings.phone_region)
 
 
 @asynccontextmanager
@@ -176,7 +248,8 @@ async def open_memories(settings: Settings, *, store: Store | None = None, embed
             stack.push_async_callback(store.close)
         ready("store")
         memories = Memories(store, embedder, k=settings.recall_k, min_similarity=settings.min_similarity,
-                            max_chars=settings.memory_max_chars, queue_size=settings.write_queue)
+                            max_chars=settings.memory_max_chars, queue_size=settings.write_queue,
+                            cleaning=cleaning_for(settings))
         memories.start()
         stack.push_async_callback(memories.stop)
         yield memories

@@ -1,7 +1,9 @@
 """`memory-proxy migrate --from URL --to URL`: copy every memory between stores, SQLite and PostgreSQL either way.
 
 Rows go across as they are — ids, timestamps, expiry, history links (superseded memories too) and vectors — so
-the copy recalls exactly what the source did; nothing is embedded again and no dedupe runs. It reads the source
+the copy recalls exactly what the source did; nothing is embedded again and no dedupe runs. Only the cleaning
+every write path applies is applied here too: a row whose text or category holds a secret is not copied (counted
+as refused), control characters leave the text, and the category becomes one of CATEGORIES. It reads the source
 in (user, id) order, a batch at a time, and writes each batch in one transaction. A row already at the target
 is overwritten only when the source's is newer or has since been superseded, so running it again copies
 nothing twice and picks up what changed meanwhile: run it once while the old store still serves, stop the
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +24,9 @@ import numpy.typing as npt
 import psycopg
 
 from proxy.errors import ConfigError, StoreError
-from proxy.models import Memory
+from proxy.memories import clean_text
+from proxy.models import Memory, category_of
+from proxy.sensitive import secret_kind
 from proxy.store import postgres
 from proxy.store.postgres import PostgresStore, describe
 from proxy.store.sqlite import COLUMNS, SqliteStore, db
@@ -44,11 +48,24 @@ class Endpoint(Protocol):
 class Copied:
     read: int = 0
     written: int = 0
+    refused: int = 0
     users: set[str] = field(default_factory=set)
 
     def __str__(self) -> str:
         return (f"{self.read} memories of {len(self.users)} users read, {self.written} written, "
-                f"{self.read - self.written} already there")
+                f"{self.read - self.written - self.refused} already there"
+                + (f", {self.refused} refused as secrets" if self.refused else ""))
+
+
+def cleaned(rows: Sequence[Row]) -> list[Row]:
+    """The rows to copy, cleaned as every write path cleans (proxy/memories.py `Cleaning`, less the length cap and
+    contact policy, which are the target proxy's settings): rows holding a secret are left out."""
+    kept = []
+    for memory, vector in rows:
+        if not secret_kind(memory.text) and not secret_kind(memory.category):
+            kept.append((replace(memory, text=clean_text(memory.text, len(memory.text)) or memory.text,
+                                 category=category_of(memory.category)), vector))
+    return kept
 
 
 def is_postgres(url: str) -> bool:
@@ -196,7 +213,9 @@ async def copy(source_url: str, target_url: str, *, batch: int = 1000,
         try:
             copied, after = Copied(), None
             while rows := await source.export_rows(after, batch):
-                copied.written += await target.import_rows(rows)
+                kept = cleaned(rows)
+                copied.refused += len(rows) - len(kept)
+                copied.written += await target.import_rows(kept) if kept else 0
                 copied.read += len(rows)
                 copied.users.update(memory.user for memory, _ in rows)
                 after = (rows[-1][0].user, rows[-1][0].id)

@@ -4,12 +4,44 @@ from __future__ import annotations
 
 import os
 import time
+import unicodedata
 from dataclasses import asdict, dataclass
 from typing import Any
 
 # Between tenant and user in the store's user id; a control character, so no valid id can contain it.
 TENANT_SEPARATOR = "\x1f"
 CATEGORIES = ("fact", "preference", "context", "event", "profile")
+
+# Every memory is one of these. "profile" memories are always injected (who the user is); "event" memories are
+# dated happenings. A category reaches the prompt, so it is never free text: see `category_of`.
+CATEGORIES = ("fact", "preference", "context", "event", "profile")
+DEFAULT_CATEGORY = "fact"
+# The plural and near names models and import files use, mapped to the fixed set. "profile" is reached only by
+# its own name: it makes a memory always injected, which a stray label must not do.
+CATEGORY_ALIASES = {
+    "facts": "fact", "info": "fact", "information": "fact", "personal": "fact", "biography": "fact",
+    "preferences": "preference", "pref": "preference", "prefs": "preference", "like": "preference",
+    "likes": "preference", "dislike": "preference", "dislikes": "preference", "taste": "preference",
+    "contexts": "context", "situation": "context", "background": "context",
+    "events": "event", "plan": "event", "plans": "event", "appointment": "event", "schedule": "event",
+    "profiles": "profile",
+}
+MAX_CATEGORY_INPUT = 64  # longer labels are not looked up at all: they map to the default
+
+
+def category_of(value: object) -> str:
+    """The category a memory is stored (and shown) under, always one of CATEGORIES.
+
+    A string is NFKC-normalised, case-folded and stripped of spaces, `-` and `_` at its ends; then it is taken
+    if it names a category, mapped if it is a known alias (`"Preferences"` → `"preference"`, `"likes"` →
+    `"preference"`, `"appointment"` → `"event"`), and anything else — a missing, non-string, unknown, over-long
+    or multi-line label — becomes `"fact"`. Never raises."""
+    if not isinstance(value, str) or len(value) > MAX_CATEGORY_INPUT:
+        return DEFAULT_CATEGORY
+    label = unicodedata.normalize("NFKC", value).casefold().strip(" \t-_")
+    if label in CATEGORIES:
+        return label
+    return CATEGORY_ALIASES.get(label, DEFAULT_CATEGORY)
 
 
 def new_id() -> str:
@@ -57,7 +89,7 @@ class NewMemory:
     """A memory to write. `replaces` names an older memory of the same user that this one supersedes."""
 
     text: str
-    category: str = "fact"
+    category: str = DEFAULT_CATEGORY
     source: str = "api"
     ttl_seconds: float | None = None
     replaces: str | None = None

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import time
 from email.utils import formatdate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+if TYPE_CHECKING:
+    from proxy.config import Settings
+
 UVICORN_OPTIONS: dict[str, Any] = {"server_header": False, "date_header": False}
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn.Config options `serve` and the tests both run with: no Date or Server header of uvicorn's own,
+    and the bounds on what clients can hold (proxy/limits.py): a deadline for each request head (the protocol;
+    the deadline itself comes from the app's lifespan state), `limit_concurrency` and `timeout_keep_alive`."""
+    from proxy.limits import HeadTimeoutProtocol
+
+    return {**UVICORN_OPTIONS, "http": HeadTimeoutProtocol, "limit_concurrency": settings.max_client_connections,
+            "timeout_keep_alive": settings.keep_alive_timeout}
 
 
 class DateHeader:

@@ -133,7 +133,7 @@ class Sessions:
         if budget is None and self.window is None and not summary:
             return body
         messages = body["messages"]
-        tokens = await self.count(messages, turn) if budget is not None else None
+        tokens = await self.count(messages, turn, budget) if budget is not None else None
         limits: dict[str, Any] = {"window": self.window, "budget": budget}
         kept, dropped = context.fit(messages, tokens, **limits, summary=turn.summary if turn else "",
                                     summary_tokens=turn.summary_tokens if turn else 0, always_summary=summary)
@@ -152,12 +152,13 @@ class Sessions:
         log.debug("left %d of %d messages out to fit the context", dropped, len(messages))
         return {**body, "messages": kept}
 
-    async def count(self, messages: Sequence[Any], turn: Turn | None) -> list[int]:
+    async def count(self, messages: Sequence[Any], turn: Turn | None, budget: int | None = None) -> list[int]:
+        """Tokens of each message (stored ones as stored); past `budget`, counting stops (TokenCounter.messages)."""
         known = turn.known if turn is not None else {}
         unknown = [message for message in messages if id(message) not in known]
         size = sum(len(text) for message in unknown for text in message_texts(message)[0])
-        counted = iter(await asyncio.to_thread(self.counter.messages, unknown) if size > INLINE_CHARS
-                       else self.counter.messages(unknown))
+        counted = iter(await asyncio.to_thread(self.counter.messages, unknown, budget) if size > INLINE_CHARS
+                       else self.counter.messages(unknown, budget))
         return [known[id(message)][1] if id(message) in known else next(counted) for message in messages]
 
     async def recall(self, user: str, turn: Turn | None, text: str) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 from proxy import config
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.server import UVICORN_OPTIONS
+from proxy.server import server_options
 from tests.fakeupstream import FakeUpstream
 from tests.servers import running
 
@@ -37,10 +37,11 @@ def settings_for(tmp_path: Path) -> Callable[..., Settings]:
 
 @pytest.fixture
 def start_proxy() -> Iterator[Callable[..., str]]:
-    """Start a real proxy server for the given settings; returns its base URL. Stopped at the test's end."""
+    """Start a real proxy server for the given settings, with the options `serve` gives uvicorn (proxy/limits.py);
+    returns its base URL. Stopped at the test's end."""
     with ExitStack() as stack:
         def start(settings: Settings, **app_options: Any) -> str:
-            return stack.enter_context(running(create_app(settings, **app_options), **UVICORN_OPTIONS))
+            return stack.enter_context(running(create_app(settings, **app_options), **server_options(settings)))
         yield start
 
 

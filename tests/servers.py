@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -35,3 +40,46 @@ def running(app: Any, **options: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def serving(upstream: str, home: Path, **settings: str) -> Iterator[tuple[int, str]]:
+    """`memory-proxy serve` in a process of its own (so its memory can be read), settings given as
+    MEMORY_PROXY_* variables; yields (pid, base URL) once /readyz answers 200, stops it afterwards."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "HOME": str(home), "MEMORY_PROXY_DATA_DIR": str(home / "data"),
+           "MEMORY_PROXY_LOG_LEVEL": "warning", **{f"MEMORY_PROXY_{k.upper()}": v for k, v in settings.items()}}
+    process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--upstream", upstream, "--port", str(port)],
+                               env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError("memory-proxy serve exited")
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("memory-proxy serve did not become ready")
+            time.sleep(0.1)
+        yield process.pid, base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident set size (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/PID/status")

@@ -7,10 +7,6 @@ the upstream is a raw ASGI app in this process that writes its answer in 1 MiB p
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,17 +15,10 @@ import httpx
 import orjson
 import pytest
 
-from tests.servers import running
+from tests.servers import peak_rss, running, serving
 
 MIB = 1024 * 1024
 PIECE = b"x" * MIB
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def huge_line(mib: int) -> Iterator[bytes]:
@@ -85,39 +74,6 @@ def small(content_type: bytes) -> Iterator[bytes]:
         yield b'{"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "Hi"}}]}'
 
 
-@pytest.fixture
-def proxy_process(tmp_path: Path) -> Iterator[Callable[[str], tuple[str, int]]]:
-    """Start `memory-proxy serve` against an upstream URL; returns (base URL, pid)."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(upstream: str) -> tuple[str, int]:
-        import socket
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        env = {**os.environ, "MEMORY_PROXY_DATA_DIR": str(tmp_path), "MEMORY_PROXY_LOG_LEVEL": "warning",
-               "MEMORY_PROXY_FILTER_MAX_BYTES": str(MIB), "MEMORY_PROXY_RECALL_BUDGET_MS": "5000"}
-        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "the proxy exited"
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    return url, proc.pid
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the proxy did not become ready"
-            time.sleep(0.1)
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(10)
-
-
 CASES = {
     "one SSE line of 100 MiB": (lambda: huge_line(100), b"text/event-stream", True),
     "a block that never closes, 100 MiB": (lambda: endless_block(100), b"text/event-stream", True),
@@ -126,17 +82,16 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_memory_stays_bounded_whatever_the_answer(case: str, proxy_process: Callable[[str], tuple[str, int]]
-                                                  ) -> None:
+def test_memory_stays_bounded_whatever_the_answer(case: str, tmp_path: Path) -> None:
     body, content_type, stream = CASES[case]
-    with running(upstream_app(body, content_type)) as upstream:
-        proxy, pid = proxy_process(upstream + "/v1")
+    with running(upstream_app(body, content_type)) as upstream, \
+            serving(upstream + "/v1", tmp_path, filter_max_bytes=str(MIB), recall_budget_ms="5000") as (pid, proxy):
         request = {"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
         headers = {"X-Memory-User": "alice"}
         with httpx.Client(timeout=120) as client:
             with client.stream("POST", proxy + "/v1/chat/completions", json=request, headers=headers) as warm:
                 warm.read()  # a small answer first: the first request's own costs are not the big answer's
-            before = peak_rss_mib(pid)
+            before = peak_rss(pid) / MIB
             size = 0
             with client.stream("POST", proxy + "/v1/chat/completions", json=request, headers=headers) as response:
                 assert response.status_code == 200
@@ -144,7 +99,7 @@ def test_memory_stays_bounded_whatever_the_answer(case: str, proxy_process: Call
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     tail = (tail + chunk)[-64:]
-        grown = peak_rss_mib(pid) - before
+        grown = peak_rss(pid) / MIB - before
     assert size > 100 * MIB  # all of it reached the client
     assert tail.endswith(b"[DONE]\n\n" if stream else b'"}}]}')
     assert grown < 48, f"peak RSS grew {grown:.0f} MiB relaying {size / MIB:.0f} MiB"

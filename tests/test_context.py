@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from proxy import config
 from proxy.context import (
+    CHUNK_CHARS,
     PART_TOKENS,
     PER_MESSAGE,
     PRIMING,
@@ -24,6 +25,7 @@ from proxy.context import (
     with_summary,
 )
 from proxy.errors import ConfigError
+from proxy.rewrite import quote
 
 COUNTER = TokenCounter()
 
@@ -111,9 +113,9 @@ def test_trim_properties(roles: list[str], costs: list[int], budget: int, window
 def test_the_summary_joins_a_message_the_client_sent_and_adds_none() -> None:
     messages = [msg("developer", "rules"), msg("system", "more"), msg("user", "hi")]
     out = with_summary(messages, "we talked")
-    assert out[0] == {"role": "developer", "content": "rules\n\n" + SUMMARY_HEADER + "we talked"}
+    assert out[0] == {"role": "developer", "content": "rules\n\n" + SUMMARY_HEADER + "\"we talked\""}
     assert out[1:] == messages[1:]
-    assert with_summary([msg("user", "hi")], "s") == [{"role": "user", "content": SUMMARY_HEADER + "s\n\nhi"}]
+    assert with_summary([msg("user", "hi")], "s") == [{"role": "user", "content": SUMMARY_HEADER + "\"s\"\n\nhi"}]
     assert with_summary([msg("assistant", "a")], "s") == [msg("assistant", "a")]  # nowhere to put it
 
 
@@ -125,7 +127,8 @@ def test_fit_puts_the_summary_in_where_turns_were_left_out_and_counts_it() -> No
     summary_tokens = COUNTER.messages([summary_message(summary)])[0]
     assert fit(messages, tokens, budget=everything, summary=summary, summary_tokens=summary_tokens) == (messages, 0)
     sent, dropped = fit(messages, tokens, budget=everything - 1, summary=summary, summary_tokens=summary_tokens)
-    assert sent[0]["content"] == messages[0]["content"] + "\n\n" + SUMMARY_HEADER + summary and dropped >= 2
+    assert sent[0]["content"] == messages[0]["content"] + "\n\n" + SUMMARY_HEADER + quote(summary)
+    assert dropped >= 2
     assert COUNTER.total(sent) <= everything - 1
     always, none_dropped = fit(messages, tokens, summary=summary, summary_tokens=summary_tokens, always_summary=True)
     assert none_dropped == 0 and always == with_summary(messages, summary)
@@ -156,3 +159,28 @@ def test_per_model_budgets() -> None:
 def test_session_settings_are_checked_at_start(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.load(environ={"HOME": "/h", **env})
+
+
+ROLES = st.sampled_from(["system", "developer", "user", "assistant", "tool"])
+WORDS = st.text(st.sampled_from("ab cd, é 世 !"), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(ROLES, WORDS), min_size=1, max_size=12), st.integers(0, 120))
+def test_counting_that_stops_at_the_budget_trims_as_exact_counting_does(parts: list[tuple[str, str]],
+                                                                         budget: int) -> None:
+    messages = [msg(role, text) for role, text in parts]
+    exact = COUNTER.messages(messages)
+    capped = TokenCounter().messages(messages, budget)
+    assert trim(messages, capped, budget=budget) == trim(messages, exact, budget=budget)
+    assert all(c == e or c == budget + 1 for c, e in zip(capped, exact, strict=True))
+
+
+def test_long_texts_are_counted_in_chunks_and_stop_past_the_cap() -> None:
+    sentence = "The quick brown fox jumps over the lazy dog, again and again. "
+    text = sentence * 2000  # ~124k characters: eight chunks
+    assert len(text) > 4 * CHUNK_CHARS
+    whole = len(COUNTER.tokenizer.encode(text, add_special_tokens=False).ids)
+    assert TokenCounter().text(text) == whole  # chunks end at spaces: the sum is the whole count
+    capped = TokenCounter().texts([text], cap=100)[0]
+    assert 100 < capped < whole  # stopped after the first chunk

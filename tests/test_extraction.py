@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.extract import INSTRUCTION, PLACEHOLDER
-from proxy.server import UVICORN_OPTIONS
+from proxy.server import server_options
 from tests.fakeupstream import FakeUpstream, Reply
 from tests.injected import instruction_sent
 from tests.servers import running
@@ -44,8 +44,9 @@ def serve(upstream: tuple[FakeUpstream, str], settings_for: Callable[..., Settin
     fake, url = upstream
     with contextlib.ExitStack() as stack:
         def start(**settings: Any) -> Running:
-            app = create_app(settings_for(url, **{"extract_coalesce_seconds": 0.05, **settings}))
-            return Running(fake, url, stack.enter_context(running(app, **UVICORN_OPTIONS)), app)
+            resolved = settings_for(url, **{"extract_coalesce_seconds": 0.05, **settings})
+            app = create_app(resolved)
+            return Running(fake, url, stack.enter_context(running(app, **server_options(resolved))), app)
         yield start
 
 

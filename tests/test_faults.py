@@ -393,24 +393,34 @@ def remember_directly(proxy: str, text: str) -> None:
 
 def chat_through_fault(proxy: str, app: Any, fake: FakeUpstream, log: pytest.LogCaptureFixture, cause: str) -> None:
     """With the store failing writes: the chat answers (recall still works: reads are unaffected), its block
-    stays hidden, the write fails in the log with its cause, and the API says so in OpenAI's shape."""
+    stays hidden, the write waits in the queue with its cause in the log (once), and the API says so in OpenAI's
+    shape."""
     fake.reply("Try a mushroom risotto." + block("User lives in Lisbon"))
     response = httpx.post(proxy + "/v1/chat/completions", json=CHAT, headers=ALICE)
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "Try a mushroom risotto."
     assert response.headers["x-memory-recalled"] == "1" and "x-memory-error" not in response.headers
-    assert wait_for(lambda: app.state.memories.failed == 1)
+    memories = app.state.memories
+    assert wait_for(lambda: memories.waiting == 1 and cause in memories.down)
     failures = [r.getMessage() for r in log.records if r.name == "memory_proxy.memories"]
-    assert len(failures) == 1 and cause in failures[0]
+    assert len(failures) == 1 and cause in failures[0] and "wait to be retried" in failures[0]
+    assert memories.failed == 0 and memories.dropped == 0
     refused = httpx.post(proxy + "/memories/alice", json={"text": "User has a cat"})
     assert refused.status_code == 503 and cause in error_of(refused)["message"]
     assert memory_texts(proxy) == ["User is vegetarian"]  # acknowledged before: intact
+
+
+def waited_write_lands(proxy: str) -> None:
+    """Once the store is back, the write that waited is stored without anything being sent again."""
+    assert wait_for(lambda: len(memory_texts(proxy)) == 2)
+    assert memory_texts(proxy) == ["User is vegetarian", "User lives in Lisbon"]
 
 
 def chat_after_recovery(proxy: str, fake: FakeUpstream) -> None:
     fake.reply("Lisbon it is." + block("User lives in Lisbon"))
     assert httpx.post(proxy + "/v1/chat/completions", json=CHAT, headers=ALICE).status_code == 200
     assert wait_for(lambda: len(memory_texts(proxy)) == 2)
+    time.sleep(0.3)  # the same fact again: deduplicated, not a third memory
     assert memory_texts(proxy) == ["User is vegetarian", "User lives in Lisbon"]
 
 
@@ -443,6 +453,7 @@ def test_database_locked_by_another_writer(upstream: tuple[FakeUpstream, str], s
             finally:
                 other.execute("ROLLBACK")
                 other.close()
+            waited_write_lands(proxy)
             chat_after_recovery(proxy, fake)
     finally:
         asyncio.run(store.close())
@@ -498,6 +509,7 @@ def test_disk_full(upstream: tuple[FakeUpstream, str], settings_for: Callable[..
                     f.write(b"\0" * 16384)
             chat_through_fault(proxy, app, fake, log, "full")
             filler.unlink()
+            waited_write_lands(proxy)
             chat_after_recovery(proxy, fake)
         shutil.copy(disk / "memory.db", tmp_path / "memory.db")  # closed: the WAL is checkpointed into the file
     finally:

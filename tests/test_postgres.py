@@ -161,7 +161,7 @@ async def test_one_instance_sees_the_others_writes_at_once(postgres_location: st
 
 async def fill(store: Any) -> None:
     """Memories of two users with history, an expiry and a near-tie, written through the store's own API."""
-    old = (await store.add("alice", [NewMemory("lives in Paris", category="place")], stack(BASIS[1])))[0].id
+    old = (await store.add("alice", [NewMemory("lives in Paris", category="context")], stack(BASIS[1])))[0].id
     await store.add("alice", [NewMemory("lives in Rome", replaces=old, ttl_seconds=3600)], stack(toward(2, 0.6)))
     await store.add("alice", [NewMemory(f"fact {n}", source="chat") for n in range(30)], random_units(30, seed=5))
     await store.add("bob", [NewMemory("likes jazz"), NewMemory("is in a meeting", ttl_seconds=3600)],

@@ -6,15 +6,15 @@ from proxy.sensitive import luhn_valid, secret_kind
 
 
 @pytest.mark.parametrize(("text", "kind"), [
-    ("My OpenAI key is sk-proj-abcdefghijklmnopqrstuvwx1234", "token"),
-    ("aws AKIAIOSFODNN7EXAMPLE for prod", "token"),
-    ("token ghp_0123456789abcdefghijklmnopqrstuvwxyzAB", "token"),
-    ("use eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "token"),
+    ("My OpenAI key is sk-proj-abcdefghijklmnopqrstuvwx1234", "credential"),
+    ("aws AKIAIOSFODNN7EXAMPLE for prod", "credential"),
+    ("token ghp_0123456789abcdefghijklmnopqrstuvwxyzAB", "credential"),
+    ("use eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "credential"),
     ("Card 4111 1111 1111 1111 exp 12/29", "card"),
     ("card number 5500-0000-0000-0004", "card"),
     ("User's password is hunter2", "password"),
     ("mon mot de passe est soleil", "password"),
-    ("PIN: 1234", "password"),
+    ("PIN: 1234", "pin-code"),
 ])
 def test_secrets_are_recognised(text: str, kind: str) -> None:
     assert secret_kind(text) == kind

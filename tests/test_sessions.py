@@ -184,7 +184,7 @@ def test_two_hundred_turns_stay_within_the_budget_with_the_summary_present(fake:
     assert [m["role"] for m in last[::2]] == ["user"] * len(last[::2]) and last[-1]["role"] == "user"
     assert last[-1]["content"].startswith(INSTRUCTION) and last[-1]["content"].endswith(
         "\n\nQuestion 199: what can you tell me about topic 199 in two sentences?")
-    assert last[0]["content"].startswith(SUMMARY_HEADER + "Summary v")
+    assert last[0]["content"].startswith(SUMMARY_HEADER + "\"Summary v")
     assert ("assistant", "Answer 198: topic 198 is a fine subject with a long history and many details.") in talk(
         upstream.talks[-1])  # the recent turns verbatim
     assert sum(1 for messages in sent if messages[0]["content"].startswith(SUMMARY_HEADER)) > 150
@@ -214,7 +214,7 @@ def test_store_mode_puts_the_summary_where_a_budget_cut_the_turns(fake: tuple[Up
         history.append({"role": "user", "content": "And tomorrow?"})
         say(client, "", messages=history)
     sent = upstream.talks[-1].json()["messages"]
-    assert sent[0]["role"] == "user" and sent[0]["content"].startswith(SUMMARY_HEADER + "Summary v1")
+    assert sent[0]["role"] == "user" and sent[0]["content"].startswith(SUMMARY_HEADER + "\"Summary v1")
     assert client_text(sent[-1]["content"]) == history[-1]["content"] and len(sent) < len(history)
     assert TokenCounter().total(sent) <= 300
 

@@ -37,6 +37,12 @@ class Engine:
             raise ValueError(f"vectors have {matrix.shape[1]} dimensions, the store {self.dimension}")
         return matrix
 
+    async def problem(self) -> str | None:
+        """Why this store cannot take writes now, in one line, or None (SQLite: its file deleted or replaced).
+        A fault that the store's users share, like a PostgreSQL server being down, is not reported here: readiness
+        takes an instance out of a load balancer, and all instances would go together."""
+        return None
+
     def next_id(self) -> str:
         """new_id(), kept increasing within this store so that a batch written in one millisecond lists in order."""
         candidate = new_id()
@@ -72,6 +78,8 @@ class Store(Protocol):
     async def purge_expired(self) -> int: ...
 
     async def count(self, user: str | None = None) -> int: ...
+
+    async def problem(self) -> str | None: ...
 
     async def close(self) -> None: ...
 

@@ -42,7 +42,7 @@ from psycopg.adapt import Buffer, Dumper, Loader
 from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from proxy.errors import StoreError
+from proxy.errors import StoreError, StoreUnavailable
 from proxy.models import Hit, Memory, NewMemory
 from proxy.store import Engine, Vector
 from proxy.store.vectors import TIE, rank, unit
@@ -109,7 +109,9 @@ def redact(url: str) -> str:
 
 
 def describe(url: str, exc: Exception) -> StoreError:
+    """The fault in one line; StoreUnavailable when it passes (the server is down, restarting or unreachable)."""
     message = str(exc).strip() or type(exc).__name__
+    kind = StoreUnavailable if isinstance(exc, PoolTimeout | psycopg.OperationalError) else StoreError
     if isinstance(exc, PoolTimeout):
         why = "no database connection became free in time (the server is down or the pool is exhausted)"
     elif isinstance(exc, psycopg.errors.InsufficientPrivilege) and "vector" in message:
@@ -121,7 +123,7 @@ def describe(url: str, exc: Exception) -> StoreError:
         why = "cannot reach the database"
     else:
         why = "the memory store failed"
-    return StoreError(f"PostgreSQL memory store {redact(url)}: {why} ({message})")
+    return kind(f"PostgreSQL memory store {redact(url)}: {why} ({message})")
 
 
 async def migrate(conn: Conn, dimension: int) -> int:

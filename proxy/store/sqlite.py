@@ -46,9 +46,10 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
-from proxy.errors import StoreError
+from proxy.errors import StoreError, StoreUnavailable
 from proxy.models import Hit, Memory, NewMemory
 from proxy.store import Engine, Vector
+from proxy.store.fileid import FileIdentity
 from proxy.store.vectors import Draft, Floats, Ids, UserVectors, VectorCache, rank, unit
 
 T = TypeVar("T")
@@ -106,19 +107,23 @@ db = sqlite_module()
 def describe(path: str, exc: Exception, busy_timeout: float) -> StoreError:
     message = str(exc)
     lowered = message.lower()
+    # Faults that pass: the same write succeeds once the lock, the disk or the file is back.
+    down: type[StoreError] = StoreUnavailable
     if "locked" in lowered or "busy" in lowered:
         why = f"the database is locked by another connection past the busy timeout ({busy_timeout:g} s)"
     elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
-        why = "the file is corrupt or not a SQLite database"
+        why, down = "the file is corrupt or not a SQLite database", StoreError
     elif "readonly" in lowered or "read-only" in lowered:
         why = "the database (or its directory, which holds the -wal and -shm files) is read-only"
     elif "unable to open" in lowered:
         why = "the database file cannot be opened (missing directory or no permission?)"
     elif "full" in lowered:
         why = "the disk (or the database's max_page_count) is full"
+    elif "disk i/o" in lowered:
+        why = "the disk failed a read or a write"
     else:
-        why = "the memory store failed"
-    return StoreError(f"SQLite memory store {path!r}: {why} ({message})")
+        why, down = "the memory store failed", StoreError
+    return down(f"SQLite memory store {path!r}: {why} ({message})")
 
 
 def connect(path: str, busy_timeout: float, *, writer: bool) -> sqlite3.Connection:
@@ -239,6 +244,7 @@ class SqliteStore(Engine):
         self.max_cached_rows = cache_bytes // 4 // (4 * dimension)
         self.temp_dir = temp_dir
         self.closed = False
+        self.identity = FileIdentity.of(path)
 
     @classmethod
     async def open(cls, path: str, *, dimension: int, dedupe_similarity: float, busy_timeout: float = 5.0,
@@ -293,8 +299,15 @@ class SqliteStore(Engine):
         through the generation) unless the job `keeps_cache`: it stored the entry of the new state itself."""
         if self.closed:
             raise StoreError("the memory store is closed")
+
+        def checked(conn: sqlite3.Connection) -> T:
+            gone = self.identity.problem()  # in the writer thread: a stat() never holds up the event loop
+            if gone:
+                raise StoreUnavailable(f"SQLite memory store {self.path!r}: {gone}")
+            return job(conn)
+
         try:
-            result = await asyncio.wrap_future(self.writer.submit(job))
+            result = await asyncio.wrap_future(self.writer.submit(checked))
         except BaseException:
             if user is not None:
                 self.cache.discard(user)
@@ -302,6 +315,10 @@ class SqliteStore(Engine):
         if user is not None and not keeps_cache:
             self.cache.discard(user)
         return result
+
+    async def problem(self) -> str | None:
+        """Why the store cannot take writes now (its file deleted or replaced), or None: for /readyz."""
+        return None if self.closed else await asyncio.to_thread(self.identity.problem)
 
     async def read(self, job: Callable[[sqlite3.Connection], T]) -> T:
         if self.closed:
