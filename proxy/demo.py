@@ -40,7 +40,7 @@ MODEL = "demo"
 MEMORIES = re.compile(r"<memories>(.*?)(?:</memories>|\Z)", re.DOTALL | re.IGNORECASE)
 # One shown memory: an optional [alias], an optional (category), then the text as a JSON string or bare.
 SHOWN = re.compile(r"^\s*(?:[-*]\s*)?(?:\[(?P<alias>[^\]]+)\]\s*)?(?:\((?P<category>[^)]*)\)\s*)?(?P<text>.+?)\s*$")
-CLAUSES = re.compile(r"[.!?;,\n]+|\s+(?:and|but|also|so)\s+", re.IGNORECASE)
+CLAUSES = re.compile(r"[.!?;:,\n]+|\s+(?:and|but|also|so)\s+", re.IGNORECASE)
 TRAILING = re.compile(r"\s+(?:now|too|as well|these days|nowadays|at the moment|anymore)$", re.IGNORECASE)
 STOP_WORDS = frozenset({"a", "an", "the", "i", "my", "me", "that", "about", "is", "am", "are", "in", "to", "of", "at",
                         "for", "user", "you", "your"})
@@ -162,16 +162,17 @@ def template(stored: str) -> re.Pattern[str]:
     return re.compile(re.escape(stored).replace(r"\{k\}", "(?P<k>.+?)").replace(r"\{v\}", "(?P<v>.+)"))
 
 
-FORMS = [(kind, template(kind.stored)) for kind in KINDS]
+# The most specific form first: "User is allergic to {v}" before "User is {v}".
+FORMS = sorted(((kind, template(kind.stored)) for kind in KINDS), key=lambda form: -len(form[0].stored.split("{")[0]))
 
 
 def about(text: str) -> tuple[int, str] | None:
     """What a stored memory text is about: its kind and key for single-valued kinds (one home, one favourite
     colour), the text itself for the others (many likes); None for a text of no kind the demo knows."""
-    for index, (kind, form) in enumerate(FORMS):
+    for kind, form in FORMS:
         match = form.fullmatch(text)
         if match:
-            return index, (match.groupdict().get("k") or "").lower() if kind.single else text.lower()
+            return KINDS.index(kind), (match.groupdict().get("k") or "").lower() if kind.single else text.lower()
     return None
 
 

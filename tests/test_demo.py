@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -14,10 +14,9 @@ import pytest
 
 from proxy import extract
 from proxy.config import Settings
-from proxy.demo import answer, create_demo_app, extraction, shown_memories
+from proxy.demo import answer, extraction, shown_memories
 from proxy.models import Hit, Memory
 from proxy.rewrite import rewrite
-from tests.servers import running
 
 
 def hit(alias_number: int, text: str, category: str = "fact") -> Hit:
@@ -49,6 +48,7 @@ def block(reply: str) -> list[Any] | None:
     ("i live in Porto now", "User lives in Porto"),
     ("I'm based in Lisbon, Portugal", "User lives in Lisbon"),
     ("We talked before. I just moved to Berlin!", "User lives in Berlin"),
+    ("Big news: I moved to Lisbon", "User lives in Lisbon"),
     ("my name is Ana", "User's name is Ana"),
     ("Hello, I'm called Ana Silva.", "User's name is Ana Silva"),
     ("call me Bo", "User's name is Bo"),
@@ -81,6 +81,18 @@ def test_several_statements_replaces_and_forget() -> None:
     assert "I remember: User lives in Porto; User is vegetarian; User's name is Ana." in reply  # recall shows
     parsed = extract.parse(reply.split("<memory>")[1].split("</memory>")[0])
     assert [type(op).__name__ for op in parsed] == ["Forget", "NewMemory", "NewMemory"]
+
+
+def test_only_a_memory_about_the_same_thing_is_replaced() -> None:
+    shown = (hit(1, "User is vegetarian", "preference"), hit(2, "User's favourite colour is green"),
+             hit(3, "User likes tea"), hit(4, "User is allergic to nuts"))
+    assert block(answer(through_proxy("I'm allergic to peanuts. I like coffee", *shown))) == [
+        {"text": "User is allergic to peanuts", "category": "fact"},
+        {"text": "User likes coffee", "category": "preference"}]  # many allergies and likes: none replaced
+    assert block(answer(through_proxy("I'm vegan. My favourite food is soup. My favourite colour is red", *shown))) == [
+        {"text": "User is vegan", "category": "preference", "replaces": "m1"},
+        {"text": "User's favourite food is soup", "category": "preference"},
+        {"text": "User's favourite colour is red", "category": "preference", "replaces": "m2"}]
 
 
 def test_what_it_was_shown_is_not_stored_again() -> None:
@@ -127,9 +139,8 @@ def test_json_requests_get_the_operations_alone() -> None:
 
 
 @pytest.fixture
-def demo() -> Iterator[str]:
-    with running(create_demo_app()) as url:
-        yield url + "/v1"
+def demo(demo_upstream: str) -> str:
+    return demo_upstream
 
 
 def test_wire_shapes_are_openai_s(demo: str) -> None:
