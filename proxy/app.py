@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import api, chat, config, health, openapi, sessions_api, users_api
+from proxy import api, chat, config, health, inspector, openapi, sessions_api, users_api
 from proxy.auth import Gate
 from proxy.config import Settings
 from proxy.embed import Embedder
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         *api.routes,
         *sessions_api.routes,
         *users_api.routes,
+        *inspector.routes,
         Route("/v1/{path:path}", passthrough, methods=ALL_METHODS),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
