@@ -13,7 +13,7 @@ from proxy.api import MAX_LIST, int_param, json_response
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Memories
-from proxy.models import MAX_USER_ID, TENANT_SEPARATOR, check_user_id
+from proxy.models import TENANT_SEPARATOR, check_user_id
 
 
 def text_param(request: Request, name: str) -> str:
@@ -21,7 +21,7 @@ def text_param(request: Request, name: str) -> str:
     characters, which keeps the caller inside its tenant's namespace)."""
     value = request.query_params.get(name, "")
     problem = check_user_id(value) if value else None
-    if problem or len(value) > MAX_USER_ID:
+    if problem:
         raise BadRequest(f"'{name}' is not a valid user id or part of one: {problem}", param=name)
     return value
 

@@ -15,6 +15,7 @@ from proxy.app import create_app
 from proxy.demo import create_demo_app
 from tests.browser import chromium
 from tests.servers import running
+from tests.test_demo import RECALL_BUDGET_MS
 from tests.test_page import chat, memories, wait_for
 
 CHATS = [
@@ -30,7 +31,8 @@ CHATS = [
 def main(target: str = "docs/inspector.png") -> None:
     with tempfile.TemporaryDirectory() as home, running(create_demo_app()) as demo:
         settings = config.load(environ={"HOME": home}, overrides={
-            "upstream": demo + "/v1", "data_dir": home, "session_history": "store", "min_similarity": -1.0})
+            "upstream": demo + "/v1", "data_dir": home, "session_history": "store", "min_similarity": -1.0,
+            "recall_budget_ms": RECALL_BUDGET_MS})
         with running(create_app(settings)) as proxy:
             for user, session, text in CHATS:
                 count = len(memories(proxy, user))

@@ -18,6 +18,10 @@ from proxy.demo import answer, extraction, shown_memories
 from proxy.models import Hit, Memory
 from proxy.rewrite import rewrite
 
+# Recall that misses its budget answers without memory, by design (tests/test_faults.py); these tests are about the
+# loop, and a shared 2-core machine under load can take longer than the default 50 ms.
+RECALL_BUDGET_MS = 10_000.0
+
 
 def hit(alias_number: int, text: str, category: str = "fact") -> Hit:
     memory = Memory(id=f"{alias_number:020x}", user="u", text=text, category=category, source="inline",
@@ -168,7 +172,7 @@ def test_wire_shapes_are_openai_s(demo: str) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_fact_told_is_stored_and_recalled_in_a_new_conversation(
         demo: str, settings_for: Callable[..., Settings], start_proxy: Callable[..., str], stream: bool) -> None:
-    proxy = start_proxy(settings_for(demo))
+    proxy = start_proxy(settings_for(demo, recall_budget_ms=RECALL_BUDGET_MS))
     with openai.OpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0) as client:
         def say(text: str) -> str:
             messages: Any = [{"role": "user", "content": text}]

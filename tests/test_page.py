@@ -6,6 +6,8 @@ Every test fails on an uncaught script error and on any request the page makes o
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from playwright.sync_api import Browser, Page, expect
 from proxy.config import Settings
 from proxy.inspector import CONTENT_SECURITY_POLICY
 from tests.browser import chromium
+from tests.test_demo import RECALL_BUDGET_MS
 
 ADMIN = "admin-token-for-the-page-0123"
 KEY = "pk-acme-for-the-page-0123456"
@@ -93,10 +96,6 @@ def open_page(browser: Browser) -> Iterator[Callable[[str], Page]]:
     assert outside == [], "the page fetched something outside the proxy"
 
 
-def texts(page: Page, selector: str) -> Any:
-    return page.locator(selector)
-
-
 def card(page: Page, text: str) -> Any:
     return page.locator("#memory-list > li.memory").filter(has=page.locator(":scope > p.text", has_text=text))
 
@@ -120,7 +119,8 @@ def test_the_page_is_served_with_its_security_headers(demo_upstream: str, settin
 def test_list_search_edit_forget_export_erase_without_a_token(
         demo_upstream: str, settings_for: Callable[..., Settings], start_proxy: Callable[..., str],
         open_page: Callable[[str], Page], tmp_path: Path) -> None:
-    proxy = start_proxy(settings_for(demo_upstream, session_history="store", min_similarity=-1.0))
+    proxy = start_proxy(settings_for(demo_upstream, session_history="store", min_similarity=-1.0,
+                                     recall_budget_ms=RECALL_BUDGET_MS))
     seed(proxy)
     page = open_page(proxy)
     dialogs: list[str] = []
@@ -274,3 +274,15 @@ def test_with_the_admin_token_and_a_proxy_key(demo_upstream: str, settings_for: 
     page.get_by_role("button", name="Forget token").click()
     expect(page.locator("#error")).to_contain_text("401")
     expect(page.locator("#user-list button")).to_have_count(0)
+
+
+@pytest.mark.parametrize(("required", "outcome"), [("0", "1 skipped"), ("1", "1 error")])
+def test_without_chromium_developers_get_a_loud_skip_and_ci_a_failure(required: str, outcome: str,
+                                                                      tmp_path: Path) -> None:
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "MEMORY_PROXY_CHROMIUM": "/nonexistent",
+           "MEMORY_PROXY_REQUIRE_BROWSER": required}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                           f"{__file__}::test_with_the_admin_token_and_a_proxy_key"],
+                          cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert outcome in done.stdout and "NO BROWSER: /nonexistent not found" in done.stdout, done.stdout
+    assert (done.returncode == 0) == (required == "0")
