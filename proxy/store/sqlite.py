@@ -475,16 +475,18 @@ class SqliteStore(Engine):
                                              conn.execute(sql + " ORDER BY id DESC LIMIT ?", args)])
 
     async def users(self, prefix: str = "", limit: int = 100, after: str | None = None) -> builtins.list[str]:
-        # Each table's first `limit` users come off its primary key (user, ...) in order; the union of those few
-        # is sorted. Binary text order lets the prefix bound the scan on both sides.
+        # Each table's first `limit` users come off its primary key (user, ...) in order, reading every row of
+        # the users listed; the union of those few is sorted. Binary text order lets the prefix bound the scan on
+        # both sides. One lower bound, chosen here: given two, SQLite may seek on the looser one.
         upper = successor(prefix)
-        where = "user >= :prefix AND user > :after" + ("" if upper is None else " AND user < :upper")
+        lower = "user > :after" if after is not None and after >= prefix else "user >= :prefix"
+        where = lower + ("" if upper is None else " AND user < :upper")
         where += " AND instr(user, char(31)) = 0" if TENANT_SEPARATOR not in prefix else ""
         parts = [f"SELECT * FROM (SELECT DISTINCT user FROM {table} WHERE {where}"
                  + (" AND (expires_at IS NULL OR expires_at > :now)" if expiry else "") + " ORDER BY user LIMIT :limit)"
                  for table, expiry in USER_TABLES]
         sql = " UNION ".join(parts) + " ORDER BY 1 LIMIT :limit"
-        args = {"prefix": prefix, "after": after or "", "upper": upper, "now": time.time(), "limit": max(0, limit)}
+        args = {"prefix": prefix, "after": after, "upper": upper, "now": time.time(), "limit": max(0, limit)}
         return await self.read(lambda conn: [row[0] for row in conn.execute(sql, args)])
 
     async def count(self, user: str | None = None) -> int:
