@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import api, chat, config, health, openapi, sessions_api
+from proxy import api, chat, config, health, inspector, openapi, sessions_api, users_api
 from proxy.auth import Gate
 from proxy.config import Settings
 from proxy.embed import Embedder
@@ -72,6 +72,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         Route("/v1/deployments/{deployment}/chat/completions", chat.chat_completions, methods=["POST"]),
         *api.routes,
         *sessions_api.routes,
+        *users_api.routes,
+        *inspector.routes,
         Route("/v1/{path:path}", passthrough, methods=ALL_METHODS),
         Route("/openai/{path:path}", passthrough, methods=ALL_METHODS),
     ]
