@@ -10,13 +10,13 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Memories, clean_text
-from proxy.models import Memory, NewMemory, check_user_id
+from proxy.models import Memory, NewMemory, check_user_id, is_unicode
 from proxy.passthrough import read_body
+from proxy.routing import SegmentRoute
 from proxy.sensitive import secret_kind
 from proxy.sessions import Sessions
 
@@ -129,9 +129,17 @@ async def search_memories(request: Request) -> Response:
     return json_response({"object": "list", "data": [h.to_dict() for h in hits]})
 
 
+def memory_id(request: Request) -> str:
+    """The route's memory id; one that could never have been stored is simply not found."""
+    value: str = request.path_params["id"]
+    if not is_unicode(value):
+        raise NotFound(f"no memory {value!r} for this user", param="id")
+    return value
+
+
 async def _one(request: Request) -> tuple[Memories, str, Memory]:
     memories, user = memories_of(request)
-    memory = await memories.store.get(user, request.path_params["id"])
+    memory = await memories.store.get(user, memory_id(request))
     if memory is None:
         raise NotFound(f"no memory {request.path_params['id']!r} for this user", param="id")
     return memories, user, memory
@@ -163,7 +171,7 @@ async def patch_memory(request: Request) -> Response:
 @guarded
 async def delete_memory(request: Request) -> Response:
     memories, user = memories_of(request)
-    deleted = await memories.store.forget(user, request.path_params["id"])
+    deleted = await memories.store.forget(user, memory_id(request))
     if not deleted:
         raise NotFound(f"no memory {request.path_params['id']!r} for this user", param="id")
     return json_response({"id": request.path_params["id"], "object": "memory.deleted", "deleted": True})
@@ -229,13 +237,13 @@ def parse_lines(body: bytes) -> list[Any]:
 
 
 routes = [
-    Route("/memories/{user}", list_memories, methods=["GET"]),
-    Route("/memories/{user}", add_memories, methods=["POST"]),
-    Route("/memories/{user}", erase_user, methods=["DELETE"]),
-    Route("/memories/{user}/search", search_memories, methods=["GET"]),
-    Route("/memories/{user}/export", export_memories, methods=["GET"]),
-    Route("/memories/{user}/import", import_memories, methods=["POST"]),
-    Route("/memories/{user}/{id}", get_memory, methods=["GET"]),
-    Route("/memories/{user}/{id}", patch_memory, methods=["PATCH"]),
-    Route("/memories/{user}/{id}", delete_memory, methods=["DELETE"]),
+    SegmentRoute("/memories/{user}", list_memories, methods=["GET"]),
+    SegmentRoute("/memories/{user}", add_memories, methods=["POST"]),
+    SegmentRoute("/memories/{user}", erase_user, methods=["DELETE"]),
+    SegmentRoute("/memories/{user}/search", search_memories, methods=["GET"]),
+    SegmentRoute("/memories/{user}/export", export_memories, methods=["GET"]),
+    SegmentRoute("/memories/{user}/import", import_memories, methods=["POST"]),
+    SegmentRoute("/memories/{user}/{id}", get_memory, methods=["GET"]),
+    SegmentRoute("/memories/{user}/{id}", patch_memory, methods=["PATCH"]),
+    SegmentRoute("/memories/{user}/{id}", delete_memory, methods=["DELETE"]),
 ]

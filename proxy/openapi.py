@@ -22,8 +22,10 @@ from proxy.config import Settings
 from proxy.models import MAX_USER_ID
 
 Schema = dict[str, Any]
-# What check_user_id accepts, less what cannot be one URL path segment ("/", "." and "..").
-USER_PATTERN = r"^(?!\.\.?$)[^/\u0000-\u001f\u007f-\u009f]+$"
+# What check_user_id accepts: no control characters. In a path the id is one percent-encoded segment.
+USER_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+SEGMENT = ("One percent-encoded path segment: any id the chat path accepts, `/` sent as `%2F`, `%` as `%25`, "
+           "non-ASCII as UTF-8 (`team/alice` → `team%2Falice`).")
 MEMORY_ID_PATTERN = r"^[0-9a-f]{20}$"  # proxy.models.new_id
 NOT_BLANK = r"\S"
 # One server-sent event: its data is a chat.completion.chunk, "[DONE]", or {"error": …} when the upstream broke off.
@@ -100,7 +102,8 @@ def schemas(settings: Settings) -> dict[str, Schema]:
 
 
 def user_param() -> Schema:
-    return {"name": "user", "in": "path", "required": True, "description": "The end user whose memories these are.",
+    return {"name": "user", "in": "path", "required": True,
+            "description": "The end user whose memories these are. " + SEGMENT,
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": USER_PATTERN}}
 
 
@@ -126,8 +129,9 @@ def memory_operation(summary: str, ok: Schema, *, status: str = "200", params: l
 def one_session(summary: str, ok: Schema, params: list[Schema] | None = None) -> Schema:
     operation = memory_operation(summary, ok, found=True, params=params)
     operation["responses"]["404"] = error("No such session, or conversation memory is not available")
-    operation["parameters"].append({"name": "session", "in": "path", "required": True, "schema": {
-        "type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": USER_PATTERN}})
+    operation["parameters"].append({"name": "session", "in": "path", "required": True, "description": SEGMENT,
+                                    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID,
+                                               "pattern": USER_PATTERN}})
     return operation
 
 
