@@ -91,6 +91,11 @@ def _default_data_dir(environ: Mapping[str, str]) -> str:
     return str(Path(base) / "memory-proxy")
 
 
+def default_db(data_dir: str) -> str:
+    """The store used when `db` is not set: a SQLite file in the data directory (created with it)."""
+    return str(Path(data_dir) / "memory.db")
+
+
 def settings_help() -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) for every setting, in declaration order."""
     rows = []
@@ -157,7 +162,7 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
         values["data_dir"] = _default_data_dir(environ)
     values["data_dir"] = str(Path(values["data_dir"]).expanduser())
     if not values.get("db"):
-        values["db"] = str(Path(values["data_dir"]) / "memory.db")
+        values["db"] = default_db(values["data_dir"])
     settings = replace(Settings(), **values)
     _validate(settings)
     return settings
@@ -179,8 +184,11 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _validate(s: Settings) -> None:
+    from proxy.store import locate  # not at import: the store package loads numpy
+
     if not s.upstream.startswith(("http://", "https://")):
         raise ConfigError(f"upstream must be an http:// or https:// URL, got {s.upstream!r}")
+    locate(s.db)  # an unknown scheme (mysql://…) stops here, never becomes a file of that name
     positive = ["port", "workers", "max_connections", "embed_threads", "embed_batch", "recall_k",
                 "max_body_bytes", "write_queue", "memory_max_chars", "max_messages", "session_max_messages",
                 "summary_keep_messages"]
