@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -90,14 +90,17 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
     return config.load(getattr(args, "config", None), environ or getattr(args, "environ", None), {**flags, **extra})
 
 
-def preflight(settings: Settings) -> None:
-    """Load what every worker will load (keys, model, store) once, before serving: a missing or broken part stops
-    the start with one line (main prints the ProxyError) instead of a traceback from each worker's lifespan."""
+def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Load what every worker will load (keys, egress, model, store) once, before serving: a missing or broken
+    part stops the start with one line (main prints the ProxyError) instead of a traceback from each worker's
+    lifespan. `environ` (default os.environ, what the workers read) holds the proxy and CA variables."""
     from proxy.auth import Gate
+    from proxy.egress import Egress
     from proxy.embed import load_embedder
     from proxy.store import open_store
 
     Gate.from_settings(settings)
+    Egress.from_environ(os.environ if environ is None else environ, settings.upstream)
     if settings.db != config.default_db(settings.data_dir):  # the default store's directory is made for it
         check_creatable(settings.db)
     embedder = load_embedder(settings.model_dir, threads=settings.embed_threads, batch_size=settings.embed_batch,

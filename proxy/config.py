@@ -37,6 +37,8 @@ class Settings:
     read_timeout: float = setting(600.0, "Seconds to wait for upstream bytes, long enough for slow models (504).")
     write_timeout: float = setting(600.0, "Seconds to send the request body upstream.")
     pool_timeout: float = setting(10.0, "Seconds to wait for a free upstream connection from the pool.")
+    upstream_check_seconds: float = setting(10.0, "Seconds /readyz trusts what the last upstream exchange showed "
+                                                  "before it checks again (GET <upstream>/models, no credentials).")
     max_connections: int = setting(1000, "Upstream connection pool size.")
     max_keepalive: int = setting(200, "Idle upstream connections kept open for reuse.")
     max_body_bytes: int = setting(32 * 1024 * 1024, "Largest request body accepted (413 above it).")
@@ -195,6 +197,8 @@ def _validate(s: Settings) -> None:
     for name in positive:
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")
+    if s.upstream_check_seconds < 0:
+        raise ConfigError("setting 'upstream_check_seconds' must not be negative")
     for name in ("min_similarity", "dedupe_similarity", "conversation_min_similarity"):
         if not -1.0 <= getattr(s, name) <= 1.0:
             raise ConfigError(f"setting {name!r} must be a cosine similarity between -1 and 1")

@@ -151,13 +151,22 @@ def document(settings: Settings) -> Schema:
     stored = ok("What was stored (a near-duplicate updates the memory it repeats)", listing(ref("Memory")))
     new_memories = {"oneOf": [ref("NewMemory"), {"type": "array", "minItems": 1, "items": ref("NewMemory")}]}
     health = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
-    ready = {"type": "object", "required": ["status", "parts"],
-             "properties": {"status": {"type": "string"}, "parts": {"type": "object"}}}
+    ready = {"type": "object", "required": ["status", "parts"], "properties": {
+        "status": {"enum": ["ready", "starting", "upstream-unreachable"]},
+        "parts": {"type": "object", "additionalProperties": {"type": "boolean"},
+                  "description": "model, store, and upstream: whether its last exchange got an HTTP answer"},
+        "upstream": {"type": ["object", "null"], "properties": {
+            "reachable": nullable("boolean"), "error": nullable("string"),
+            "checked_seconds_ago": nullable("number")}}}}
     paths = {
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": ok("The process serves", health)}}},
-        "/readyz": {"get": {"summary": "Readiness", "responses": {
-            "200": ok("Upstream client, model and store are up", ready),
-            "503": ok("Starting or stopping", ready)}}},
+        "/readyz": {"get": {
+            "summary": "Readiness: this process's model and store; the upstream reported (required with "
+                       "require=upstream), known from the last exchange or a probe at most every "
+                       "upstream_check_seconds",
+            "parameters": [query("require", {"enum": ["upstream"]}, "Also require the upstream to be reachable")],
+            "responses": {"200": ok("Ready", ready), "503": ok("Starting, stopping, or the required upstream is "
+                                                               "unreachable", ready)}}},
         "/openapi.json": {"get": {"summary": "This document",
                                   "responses": {"200": ok("OpenAPI 3.1", {"type": "object"})}}},
         "/v1/chat/completions": {"post": {

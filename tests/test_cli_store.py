@@ -79,7 +79,7 @@ def test_a_command_that_adds_creates_a_store_only_where_a_directory_exists(tmp_p
 
     fresh = tmp_path / "fresh.db"
     code, _, err = cli(capsys, tmp_path, "memories", "add", "--user", "u1", "User keeps bees", "--db", str(fresh))
-    assert code == 0 and f"created a new memory store at {str(fresh)}" in err
+    assert code == 0 and f"created a new memory store at {fresh!s}" in err
     code, out, err = cli(capsys, tmp_path, "memories", "list", "--user", "u1", "--db", str(fresh))
     assert code == 0 and "User keeps bees" in out and err == ""
     code, _, err = cli(capsys, tmp_path, "memories", "add", "--user", "u1", "User rides a bike", "--db", str(fresh))
