@@ -16,6 +16,7 @@ from proxy.errors import BadRequest, NotFound
 from proxy.memories import Memories, clean_text
 from proxy.models import Memory, NewMemory, check_user_id, is_unicode
 from proxy.passthrough import read_body
+from proxy.restore import parse_lines, restore, with_status
 from proxy.routing import SegmentRoute
 from proxy.sensitive import secret_kind
 from proxy.sessions import Sessions
@@ -108,8 +109,15 @@ async def add_memories(request: Request) -> Response:
     items = [new_memory(item, max_chars=memories.max_chars) for item in (body if isinstance(body, list) else [body])]
     if not items:
         raise BadRequest("give a memory object or a non-empty array of them")
-    stored = await memories.add(user, items)
-    return json_response({"object": "list", "data": [m.to_dict() for m in stored]}, status=201)
+    return listed_with_status(with_status(await memories.add(user, items)))
+
+
+def listed_with_status(done: list[tuple[Memory, str]]) -> Response:
+    """Each memory with what happened to it ("created", "updated", "unchanged"): 201 when any was created, else
+    200 (every item was a near-duplicate, or already there, and updated the memory it repeats)."""
+    data = [{**memory.to_dict(), "status": status} for memory, status in done]
+    return json_response({"object": "list", "data": data},
+                         status=201 if any(status == "created" for _, status in done) else 200)
 
 
 @guarded
@@ -205,35 +213,12 @@ async def export_memories(request: Request) -> Response:
 
 @guarded
 async def import_memories(request: Request) -> Response:
-    """JSON Lines (as exported) or a JSON array; each line's text, category and expiry are added with dedupe,
-    so importing the same file twice changes nothing."""
+    """JSON Lines (as exported) or a JSON array; ids, dates and history are kept (proxy/restore.py), so importing
+    the same file twice changes nothing."""
     memories, user = memories_of(request)
     body = await read_body(request, request.app.state.settings.max_body_bytes)
-    items = []
-    for number, item in enumerate(parse_lines(body), start=1):
-        if isinstance(item, dict) and item.get("superseded_by"):
-            continue  # history stays behind: only what would be recalled comes across
-        items.append(new_memory(item, param=f"item {number}", max_chars=memories.max_chars))
-    stored = await memories.add(user, items) if items else []
-    return json_response({"object": "list", "data": [m.to_dict() for m in stored]}, status=201)
-
-
-def parse_lines(body: bytes) -> list[Any]:
-    """A JSON array, or JSON Lines."""
-    if body.lstrip().startswith(b"["):
-        try:
-            items = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"the body is not a valid JSON array: {exc}", code="invalid_json") from None
-        return list(items)
-    items = []
-    for number, line in enumerate(body.splitlines(), start=1):
-        if line.strip():
-            try:
-                items.append(orjson.loads(line))
-            except orjson.JSONDecodeError:
-                raise BadRequest(f"line {number} is not valid JSON", code="invalid_json") from None
-    return items
+    return listed_with_status(await restore(memories, user, parse_lines(body), lambda item, where: new_memory(
+        item, param=where, max_chars=memories.max_chars)))
 
 
 routes = [

@@ -8,19 +8,20 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from proxy import __version__, config
-from proxy.api import new_memory, parse_lines
+from proxy.api import new_memory
 from proxy.auth import namespaced, parse_proxy_keys
 from proxy.config import Settings
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.memories import open_memories
 from proxy.models import NewMemory, check_user_id
+from proxy.restore import parse_lines, restore, with_status
 from proxy.store import Store, check_creatable, locate, stored_dimension
 from proxy.store.sessions import open_session_store
 
@@ -175,8 +176,8 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
             show(args, [h.to_dict() for h in hits])
             await hint_tenants(args, store, found=bool(hits))
         elif args.verb == "add":
-            show(args, [m.to_dict() for m in await memories.add(
-                user, [NewMemory(args.text, args.category, "cli", args.ttl)])])
+            done = with_status(await memories.add(user, [NewMemory(args.text, args.category, "cli", args.ttl)]))
+            show(args, [{**memory.to_dict(), "status": status} for memory, status in done])
         elif args.verb == "delete":
             if not await store.forget(user, args.id):
                 raise NotFound(f"no memory {args.id!r} for user {args.user!r}")
@@ -193,10 +194,9 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
                 before = page[-1].id
             await hint_tenants(args, store, found=before is not None)
         elif args.verb == "import":
-            items = [new_memory(item, param=f"item {n}") for n, item in enumerate(parse_lines(args.data), start=1)
-                     if not (isinstance(item, dict) and item.get("superseded_by"))]
-            stored = await memories.add(user, [replace(item, source="import") for item in items])
-            show(args, [m.to_dict() for m in stored])
+            done = await restore(memories, user, parse_lines(args.data),
+                                 lambda item, where: new_memory(item, param=where))
+            show(args, [{**memory.to_dict(), "status": status} for memory, status in done])
     return 0
 
 
@@ -250,7 +250,8 @@ def show(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         if "text" in row:
             score = f"{row['score']:.3f}  " if "score" in row else ""
             old = "  (superseded)" if row.get("superseded_by") else ""
-            print(f"{row['id']}  {score}[{row['category']}] {row['text']}{old}")
+            status = f"  ({row['status']})" if "status" in row else ""
+            print(f"{row['id']}  {score}[{row['category']}] {row['text']}{old}{status}")
         else:
             print("  ".join(f"{k}={v}" for k, v in row.items()))
 

@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from proxy.errors import ConfigError
 from proxy.models import Memory
-from proxy.store import locate, postgres, stored_dimension
+from proxy.store import Store, locate, postgres, stored_dimension
 from proxy.store.postgres import PostgresStore
 from proxy.store.sqlite import COLUMNS, SqliteStore
 from proxy.store.vectors import unit
@@ -133,6 +133,15 @@ class PostgresEndpoint:
 
     async def close(self) -> None:
         await self.store.close()
+
+
+def endpoint_of(store: Store) -> Endpoint:
+    """The rows of a store already open (its owner closes it): for imports that keep ids and dates."""
+    if isinstance(store, SqliteStore):
+        return SqliteEndpoint(store)
+    if isinstance(store, PostgresStore):
+        return PostgresEndpoint(store)
+    raise TypeError(f"no row access for {type(store).__name__}")
 
 
 async def open_endpoint(url: str, dimension: int) -> Endpoint:

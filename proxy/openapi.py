@@ -72,6 +72,10 @@ def schemas(settings: Settings) -> dict[str, Schema]:
             "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                            "param": nullable("string"), "code": nullable("string")}}}},
         "Memory": {"type": "object", "required": list(memory_fields), "properties": memory_fields},
+        "StoredMemory": {"allOf": [ref("Memory"), {"type": "object", "required": ["status"], "properties": {
+            "status": {"enum": ["created", "updated", "unchanged"], "description": "created: a new memory; "
+                       "updated: an existing one (a near-duplicate, or the same id with a newer updated_at); "
+                       "unchanged: an import line the user already had as it is"}}}]},
         "Hit": {"allOf": [ref("Memory"), {"type": "object", "required": ["score"],
                                           "properties": {"score": {"type": "number"}}}]},
         "NewMemory": {"type": "object", "required": ["text"],
@@ -126,6 +130,11 @@ def memory_operation(summary: str, ok: Schema, *, status: str = "200", params: l
     return operation
 
 
+def with_ok(operation: Schema, response: Schema) -> Schema:
+    operation["responses"]["200"] = response
+    return operation
+
+
 def one_session(summary: str, ok: Schema, params: list[Schema] | None = None) -> Schema:
     operation = memory_operation(summary, ok, found=True, params=params)
     operation["responses"]["404"] = error("No such session, or conversation memory is not available")
@@ -148,7 +157,9 @@ def ok(description: str, schema: Schema, media_type: str = "application/json") -
 
 def document(settings: Settings) -> Schema:
     listed = ok("The memories, newest first", ref("MemoryList"))
-    stored = ok("What was stored (a near-duplicate updates the memory it repeats)", listing(ref("Memory")))
+    stored = ok("What was stored, each with its status: at least one memory was created", listing(ref("StoredMemory")))
+    updated = ok("Nothing was created: every item updated (or already was) a memory of the user",
+                 listing(ref("StoredMemory")))
     new_memories = {"oneOf": [ref("NewMemory"), {"type": "array", "minItems": 1, "items": ref("NewMemory")}]}
     health = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
     ready = {"type": "object", "required": ["status", "parts"], "properties": {
@@ -190,7 +201,8 @@ def document(settings: Settings) -> Schema:
                 query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST}, "At most this many"),
                 query("after", {"type": "string"}, "The last id of the previous page"),
                 query("include_history", {"type": "boolean"}, "Superseded memories too")]),
-            "post": memory_operation("Add memories", stored, status="201", body=new_memories),
+            "post": with_ok(memory_operation("Add memories (a near-duplicate updates the memory it repeats)", stored,
+                                             status="201", body=new_memories), updated),
             "delete": memory_operation("Erase every memory of the user", ok("Erased", {
                 "type": "object", "required": ["object", "user", "deleted"],
                 "properties": {"object": {"const": "user.erased"}, "user": {"type": "string"},
@@ -204,9 +216,10 @@ def document(settings: Settings) -> Schema:
                       "Memories (default), or excerpts of past conversations")])},
         "/memories/{user}/export": {"get": memory_operation("Every memory of the user, history included", ok(
             "JSON Lines, one memory a line", {"type": "string"}, "application/x-ndjson"))},
-        "/memories/{user}/import": {"post": memory_operation(
-            "Add memories as exported (superseded ones are skipped); importing twice changes nothing", stored,
-            status="201", body={"type": "array", "items": ref("NewMemory")})},
+        "/memories/{user}/import": {"post": with_ok(memory_operation(
+            "Put back memories as exported, ids, dates and history kept (lines without an id are added like POST); "
+            "importing twice changes nothing", stored, status="201",
+            body={"type": "array", "items": {"anyOf": [ref("Memory"), ref("NewMemory")]}}), updated)},
         "/memories/{user}/{id}": {
             "get": one_memory("One memory", ok("The memory", ref("Memory"))),
             "patch": one_memory("Change a memory's text, category or expiry", ok("The memory", ref("Memory")),
