@@ -16,7 +16,7 @@ from proxy.errors import BadRequest, NotFound
 from proxy.memories import Memories, clean_text
 from proxy.models import Memory, NewMemory, check_user_id, is_unicode
 from proxy.passthrough import read_body
-from proxy.restore import parse_lines, restore, with_status
+from proxy.restore import parse_lines, restore, shown, with_status
 from proxy.routing import SegmentRoute
 from proxy.sensitive import secret_kind
 from proxy.sessions import Sessions
@@ -115,8 +115,7 @@ async def add_memories(request: Request) -> Response:
 def listed_with_status(done: list[tuple[Memory, str]]) -> Response:
     """Each memory with what happened to it ("created", "updated", "unchanged"): 201 when any was created, else
     200 (every item was a near-duplicate, or already there, and updated the memory it repeats)."""
-    data = [{**memory.to_dict(), "status": status} for memory, status in done]
-    return json_response({"object": "list", "data": data},
+    return json_response({"object": "list", "data": shown(done)},
                          status=201 if any(status == "created" for _, status in done) else 200)
 
 

@@ -21,7 +21,7 @@ from proxy.config import Settings
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.memories import open_memories
 from proxy.models import NewMemory, check_user_id
-from proxy.restore import parse_lines, restore, with_status
+from proxy.restore import parse_lines, restore, shown, with_status
 from proxy.store import Store, check_creatable, locate, stored_dimension
 from proxy.store.sessions import open_session_store
 
@@ -177,7 +177,7 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
             await hint_tenants(args, store, found=bool(hits))
         elif args.verb == "add":
             done = with_status(await memories.add(user, [NewMemory(args.text, args.category, "cli", args.ttl)]))
-            show(args, [{**memory.to_dict(), "status": status} for memory, status in done])
+            show(args, shown(done))
         elif args.verb == "delete":
             if not await store.forget(user, args.id):
                 raise NotFound(f"no memory {args.id!r} for user {args.user!r}")
@@ -196,7 +196,7 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
         elif args.verb == "import":
             done = await restore(memories, user, parse_lines(args.data),
                                  lambda item, where: new_memory(item, param=where))
-            show(args, [{**memory.to_dict(), "status": status} for memory, status in done])
+            show(args, shown(done))
     return 0
 
 

@@ -139,3 +139,8 @@ def with_status(stored: list[Memory]) -> list[tuple[Memory, Status]]:
         out.append((memory, "updated" if memory.id in seen or memory.created_at < memory.updated_at else "created"))
         seen.add(memory.id)
     return out
+
+
+def shown(done: list[tuple[Memory, Status]]) -> list[dict[str, Any]]:
+    """Each memory as the API and CLI show it, with its status."""
+    return [{**memory.to_dict(), "status": status} for memory, status in done]
