@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from proxy import logs
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Memories, clean_text
@@ -37,6 +38,7 @@ def guarded(handler: Handler) -> Handler:
         if problem:
             raise BadRequest(problem, param="user", code="invalid_user")
         request.state.user = namespaced(tenant, request.path_params["user"])
+        logs.identified(request.state.user)
         return await handler(request)
     return guarded_handler
 

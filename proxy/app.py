@@ -9,15 +9,17 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import api, chat, config, health, openapi, sessions_api
+from proxy import api, chat, config, health, logs, metrics, openapi, sessions_api
 from proxy.auth import Gate
 from proxy.config import Settings
 from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
+from proxy.instrumentation import Instrumentation
 from proxy.memories import open_memories
 from proxy.passthrough import passthrough
 from proxy.sessions import open_sessions
@@ -34,6 +36,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     its owner to close); `transport` replaces the network to the upstream."""
     settings = settings or config.load()
     gate = Gate.from_settings(settings)  # a bad proxy_keys setting stops the start, not the first request
+    logs.show_content(settings.log_content)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -44,6 +47,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         app.state.upstream = Upstream(settings, transport)
         app.state.parts["upstream"] = True
         async with AsyncExitStack() as stack:
+            stack.callback(metrics.worker_stopped)  # last, after the queues have drained
             stack.push_async_callback(app.state.upstream.aclose)
             app.state.memories = await stack.enter_async_context(open_memories(
                 settings, store=store, embedder=embedder, ready=lambda part: app.state.parts.__setitem__(part, True)))
@@ -60,6 +64,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         Route("/healthz", health.healthz, methods=["GET", "HEAD"]),
         Route("/readyz", health.readyz, methods=["GET", "HEAD"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET", "HEAD"]),
+        Route("/metrics", metrics.metrics_endpoint, methods=["GET", "HEAD"]),
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
         *api.routes,
         *sessions_api.routes,
@@ -67,7 +72,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected_error,
-    })
+    }, middleware=[Middleware(Instrumentation, access_log=settings.access_log)])
     app.state.settings = settings
     app.state.gate = gate
     return app

@@ -226,9 +226,11 @@ def operations(blocks: dict[int, list[str]], aliases: dict[str, str], recalled: 
                     if real and real not in forgotten:
                         forgotten.add(real)
                         result.append(Forget(real))
+                    log.debug("forget %s: %s", op.id, real if real else "ignored, not an id shown in this request")
                     continue
                 key = normalised(clean_text(op.text, max_chars))
                 if not key or key in seen:
+                    log.debug("ignoring a memory: %s", "empty" if not key else "shown in this request, or given twice")
                     continue
                 seen.add(key)
                 result.append(NewMemory(op.text, op.category, "inline", op.ttl_seconds,

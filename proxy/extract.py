@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from proxy import logs, metrics
 from proxy.models import Forget, NewMemory, Operation
 
 log = logging.getLogger("memory_proxy.extract")
@@ -55,9 +56,10 @@ _TRAILING_COMMA = re.compile(r",\s*([\]}])")
 _SHORT_ID = re.compile(r"\[?\s*(m?)\s*(\d+)\s*\]?", re.IGNORECASE)
 
 
-def parse(block: str) -> list[Operation]:
+def parse(block: str, extraction: str = "inline") -> list[Operation]:
     """The operations a block (the text between the tags) asks for. Invalid items are skipped; an unreadable
-    block gives [] and a warning (never its text: it is about a person)."""
+    block gives [], a warning (with the request's id and user; never its text: it is about a person, unless
+    `log_content` shows it at debug) and a count by `extraction` mode (inline or background)."""
     try:
         text = block.strip()[:MAX_BLOCK]
         if not text:
@@ -65,10 +67,13 @@ def parse(block: str) -> list[Operation]:
         found, value = _decode(text)
         if not found:
             log.warning("ignoring a <memory> block of %d characters that is not JSON", len(block))
+            log.debug("the unreadable block: %s", logs.content(block[:2000]))
+            metrics.block_unparseable(extraction)
             return []
         return [op for item in _items(value) for op in _operations(item)]
     except Exception:  # the contract is "never raises": a parser bug must not break a chat
         log.exception("could not parse a <memory> block")
+        metrics.block_unparseable(extraction)
         return []
 
 

@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from proxy import logs, metrics
 from proxy.errors import StoreError
 from proxy.models import Forget, Hit, Memory, NewMemory, Operation
 from proxy.sensitive import secret_kind
@@ -32,10 +34,18 @@ def clean_text(text: str, max_chars: int) -> str:
     return " ".join(text.split())[:max_chars].strip()
 
 
+def is_new(memory: Memory) -> bool:
+    """Whether a memory the store just wrote is a new one, rather than an update of an older one (a near-duplicate
+    updated in place, or a memory that `replaces` another)."""
+    return memory.created_at == memory.updated_at and memory.supersedes is None
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     user: str
     operations: tuple[Operation, ...]
+    extraction: str = "inline"  # how the operations were found: inline (the answer's block) or background
+    context: logs.RequestContext | None = field(default_factory=logs.current)  # the request, for the log lines
 
 
 class Memories:
@@ -55,20 +65,33 @@ class Memories:
                      min_similarity: float | None = None) -> list[Hit]:
         if not text.strip():
             return []
-        vector = await self.embedder.embed_one(text)
-        return await self.store.search(user, vector, k or self.k,
-                                       self.min_similarity if min_similarity is None else min_similarity)
+        started = time.perf_counter()
+        try:
+            vector = await self.embedder.embed_one(text)
+            hits = await self.store.search(user, vector, k or self.k,
+                                           self.min_similarity if min_similarity is None else min_similarity)
+        finally:  # a recall cut off by its budget counts too, with the time it had
+            metrics.recalled(time.perf_counter() - started)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("recalled %d memories: %s", len(hits), ", ".join(
+                f"{hit.memory.id} ({hit.score:.3f}) {logs.content(hit.memory.text)}" for hit in hits) or "none")
+        return hits
 
-    def clean(self, items: Sequence[NewMemory]) -> list[NewMemory]:
-        """The items to store: texts cleaned and capped; empty ones and obvious secrets left out."""
+    def clean(self, items: Sequence[NewMemory], extraction: str | None = None) -> list[NewMemory]:
+        """The items to store: texts cleaned and capped; empty ones and obvious secrets left out (counted as
+        refused when they came from a chat, whose `extraction` mode is given)."""
         cleaned = []
         for item in items:
             text = clean_text(item.text, self.max_chars)
             kind = secret_kind(text)
             if kind:
                 log.warning("not storing a memory that looks like a %s", kind)  # never log the text itself
+                if extraction:
+                    metrics.memory_operation("refused", extraction)
             elif text:
                 cleaned.append(replace(item, text=text))
+            else:
+                log.debug("ignoring a memory that is empty once cleaned")
         return cleaned
 
     async def add(self, user: str, items: Sequence[NewMemory]) -> list[Memory]:
@@ -84,7 +107,8 @@ class Memories:
         users side by side: under load the writer keeps up with the requests, where a model run and an event-loop
         round trip per job would fall behind and fill the queue. A job that fails is logged and counted; the
         others are stored all the same."""
-        batches = [self.clean([op for op in job.operations if isinstance(op, NewMemory)]) for job in jobs]
+        batches = [self.clean([op for op in job.operations if isinstance(op, NewMemory)], job.extraction)
+                   for job in jobs]
         texts = [item.text for batch in batches for item in batch]
         try:
             vectors = await self.embedder.embed(texts) if texts else None
@@ -102,12 +126,21 @@ class Memories:
 
     async def _store_in_order(self, work: list[tuple[Job, list[NewMemory], Vector | None]]) -> None:
         for job, batch, rows in work:
+            logs.CURRENT.set(job.context)  # this task's own context: the lines below belong to that request
             try:
                 for op in job.operations:
                     if isinstance(op, Forget):
-                        await self.store.forget(job.user, op.id)
+                        forgotten = await self.store.forget(job.user, op.id)
+                        metrics.memory_operation("forgotten", job.extraction, int(forgotten))
+                        log.debug("forgot %s" if forgotten else "ignoring forget of %s: no such memory", op.id)
                 if batch and rows is not None:
-                    await self.store.add(job.user, batch, rows)
+                    stored = await self.store.add(job.user, batch, rows)
+                    added = [memory for memory in stored if is_new(memory)]
+                    metrics.memory_operation("added", job.extraction, len(added))
+                    metrics.memory_operation("updated", job.extraction, len(stored) - len(added))
+                    for memory in stored:
+                        log.debug("%s %s %s", "added" if is_new(memory) else "updated", memory.id,
+                                  logs.content(memory.text))
             except StoreError as exc:  # a known store fault (locked, read-only, full) says it all in one line
                 self.failed += 1
                 log.error("could not store %d memory operation(s): %s", len(job.operations), exc.message)
@@ -115,17 +148,20 @@ class Memories:
                 self.failed += 1
                 log.exception("could not store %d memory operation(s)", len(job.operations))
 
-    def remember(self, user: str, operations: Sequence[Operation]) -> bool:
-        """Queue operations to apply off the request path; False (and logged) when the queue is full."""
+    def remember(self, user: str, operations: Sequence[Operation], extraction: str = "inline") -> bool:
+        """Queue operations to apply off the request path; False (and logged) when the queue is full.
+        `extraction` (inline or background) says how they were found, for the metrics."""
         if not operations:
             return True
         try:
-            self.queue.put_nowait(Job(user, tuple(operations)))
-            return True
+            self.queue.put_nowait(Job(user, tuple(operations), extraction))
         except asyncio.QueueFull:
             self.dropped += 1
+            metrics.queue_dropped("memories")
             log.warning("memory write queue is full: dropped %d operation(s) for a user", len(operations))
             return False
+        metrics.queue_depth("memories", self.queue.qsize())
+        return True
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._work(), name="memory-writer")
@@ -135,6 +171,7 @@ class Memories:
             jobs = [await self.queue.get()]
             while len(jobs) < WRITE_BATCH and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
+            metrics.queue_depth("memories", self.queue.qsize())
             try:
                 await self.apply_all(jobs)
             finally:

@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - uvicorn[standard] installs it everywhe
 
 from proxy.config import Settings
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.instrumentation import TimedTransport
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those httpx or the server recompute for each hop.
 HOP_BY_HOP = frozenset({
@@ -74,7 +75,7 @@ class Upstream:
         self.key = settings.upstream_key
         self.timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
                                      write=settings.write_timeout, pool=settings.pool_timeout).as_dict()
-        self.transport = transport or h1_transport(settings)
+        self.transport = TimedTransport(transport or h1_transport(settings))  # metrics: waits and failures
 
     def url(self, path: str, query: bytes = b"") -> str:
         """`path` is what follows /v1 in the client's request: /v1/models → <upstream>/models."""

@@ -43,6 +43,7 @@ class Reply:
     error: dict[str, Any] | None = None
     drop_after: int | None = None  # cut the connection after this many stream chunks
     delay: float = 0.0  # seconds between stream chunks
+    wait: float = 0.0  # seconds before answering at all (a model's time to its first token)
 
 
 class FakeUpstream:
@@ -97,6 +98,7 @@ class FakeUpstream:
     async def chat(self, request: Request) -> Response:
         body = (await self.record(request)).json()
         reply = self.replies.popleft() if self.replies else Reply()
+        await asyncio.sleep(reply.wait)
         if reply.status != 200:
             error = reply.error or {"message": "fake error", "type": "rate_limit_error", "param": None,
                                     "code": "rate_limit_exceeded"}

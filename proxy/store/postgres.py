@@ -42,6 +42,7 @@ from psycopg.adapt import Buffer, Dumper, Loader
 from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from proxy import metrics
 from proxy.errors import StoreError
 from proxy.models import Hit, Memory, NewMemory
 from proxy.store import Engine, Vector
@@ -109,6 +110,7 @@ def redact(url: str) -> str:
 
 
 def describe(url: str, exc: Exception) -> StoreError:
+    metrics.store_error("postgres")
     message = str(exc).strip() or type(exc).__name__
     if isinstance(exc, PoolTimeout):
         why = "no database connection became free in time (the server is down or the pool is exhausted)"

@@ -46,6 +46,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
+from proxy import metrics
 from proxy.errors import StoreError
 from proxy.models import Hit, Memory, NewMemory
 from proxy.store import Engine, Vector
@@ -104,6 +105,7 @@ db = sqlite_module()
 
 
 def describe(path: str, exc: Exception, busy_timeout: float) -> StoreError:
+    metrics.store_error("sqlite")
     message = str(exc)
     lowered = message.lower()
     if "locked" in lowered or "busy" in lowered:
