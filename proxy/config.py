@@ -180,12 +180,12 @@ def misspelt(environ: Mapping[str, str] | None = None) -> list[str]:
     not refused: platforms put variables of their own under the prefix (Kubernetes adds `MEMORY_PROXY_SERVICE_HOST`
     and more for a Service named memory-proxy)."""
     environ = os.environ if environ is None else environ
-    known = {ENV_PREFIX + name.upper() for name in _TYPES} | {ENV_PREFIX + "CONFIG"}
+    known = sorted([name.upper() for name in _TYPES] + ["CONFIG"])
     messages = []
     for key in sorted(environ):
-        if key.startswith(ENV_PREFIX) and key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
-            hint = f"; did you mean {close[0]}?" if close else ""
+        if key.startswith(ENV_PREFIX) and key.removeprefix(ENV_PREFIX) not in known:
+            close = difflib.get_close_matches(key.removeprefix(ENV_PREFIX), known, n=1, cutoff=0.8)
+            hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
             messages.append(f"environment variable {key} is not a memory-proxy setting and is ignored{hint}")
     return messages
 

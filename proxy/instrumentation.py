@@ -49,6 +49,13 @@ class Instrumentation:
         status = 500  # what the client gets if the app raises before answering (the error middleware's 500)
         first_byte: float | None = None
         waited = 0.0
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                self.record(scope, context, status, head, started, first_byte, waited)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, first_byte, waited
@@ -59,17 +66,19 @@ class Instrumentation:
                             if name.lower() in (b"content-type", b"x-memory-recalled", b"x-memory-error"))
                 headers.append((REQUEST_ID_HEADER, context.id.encode()))
                 message["headers"] = headers
-            elif first_byte is None and message["type"] == "http.response.body" \
-                    and (message.get("body") or not message.get("more_body", False)):
-                first_byte = time.perf_counter()
-                waited = context.upstream_wait
+            elif message["type"] == "http.response.body":
+                if first_byte is None and (message.get("body") or not message.get("more_body", False)):
+                    first_byte = time.perf_counter()
+                    waited = context.upstream_wait
+                if not message.get("more_body", False):
+                    record()  # before the client has it all: a scrape that follows already counts it
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            record()
             CURRENT.reset(token)
-            self.record(scope, context, status, head, started, first_byte, waited)
 
     def record(self, scope: Scope, context: RequestContext, status: int, head: dict[bytes, bytes], started: float,
                first_byte: float | None, waited: float) -> None:

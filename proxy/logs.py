@@ -19,7 +19,6 @@ import secrets
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter as BaseJsonFormatter
@@ -33,6 +32,7 @@ log = logging.getLogger("memory_proxy")
 # RFC 9110 token characters and a few more that ids use (UUIDs, `req_...`, base64); nothing that could break a
 # log line or a header.
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:/+=@-]{1,128}")
+PASSWORD_PARAMETER = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]%(context)s: %(message)s"
 _show_content = False
 
@@ -83,15 +83,17 @@ def content(text: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """A URL fit for a log line: no password in its authority, no `password=` in its query."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        credentials, _, host = netloc.rpartition("@")
+    """A URL fit for a log line: no password in its authority, no `password=` in its query; else unchanged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    if "@" in authority:
+        credentials, _, host = authority.rpartition("@")
         user, colon, _ = credentials.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{host}"
-    query = re.sub(r"(?i)(^|&)(password|sslpassword)=[^&]*", r"\1\2=***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        authority = f"{user}{':***' if colon else ''}@{host}"
+    return scheme + sep + authority + PASSWORD_PARAMETER.sub(r"\1***", tail)
 
 
 class RequestFilter(logging.Filter):

@@ -24,6 +24,11 @@ Upstream = tuple[FakeUpstream, str]
 ALICE = {"X-Memory-User": "alice"}
 
 
+
+@pytest.fixture
+def proxy(patient_proxy: str) -> str:
+    return patient_proxy
+
 def block(*items: str) -> str:
     return "\n<memory>\n[" + ", ".join(items) + "]\n</memory>"
 
