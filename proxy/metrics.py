@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -93,12 +94,24 @@ SESSION_TURNS = Counter(
     "memory_proxy_session_turns_recorded", "Conversation turns stored in sessions.", registry=REGISTRY)
 
 
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, kept: the lookup costs more than the increment (every label set is small)."""
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def request_answered(route: str, method: str, status: int) -> None:
-    REQUESTS.labels(route, method, str(status)).inc()
+    _child(REQUESTS, route, method, str(status)).inc()
 
 
 def added_latency(path: str, stream: bool, seconds: float) -> None:
-    ADDED_LATENCY.labels(path, "true" if stream else "false").observe(max(seconds, 0.0))
+    _child(ADDED_LATENCY, path, "true" if stream else "false").observe(max(seconds, 0.0))
 
 
 def recalled(seconds: float) -> None:
@@ -110,42 +123,42 @@ def injected(count: int) -> None:
 
 
 def failed_open(reason: str) -> None:
-    FAIL_OPEN.labels(reason).inc()
+    _child(FAIL_OPEN, reason).inc()
 
 
 def memory_operation(operation: str, extraction: str, count: int = 1) -> None:
     """`operation`: added, updated, forgotten or refused; `extraction`: inline or background."""
     if count:
-        MEMORY_OPERATIONS.labels(operation, extraction).inc(count)
+        _child(MEMORY_OPERATIONS, operation, extraction).inc(count)
 
 
 def block_unparseable(extraction: str) -> None:
-    BLOCKS_UNPARSEABLE.labels(extraction).inc()
+    _child(BLOCKS_UNPARSEABLE, extraction).inc()
 
 
 def extraction_call(ok: bool, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
     """One background extraction call and the tokens the upstream's `usage` reported for it."""
-    EXTRACTION_CALLS.labels("ok" if ok else "error").inc()
+    _child(EXTRACTION_CALLS, "ok" if ok else "error").inc()
     if prompt_tokens:
-        EXTRACTION_TOKENS.labels("prompt").inc(prompt_tokens)
+        _child(EXTRACTION_TOKENS, "prompt").inc(prompt_tokens)
     if completion_tokens:
-        EXTRACTION_TOKENS.labels("completion").inc(completion_tokens)
+        _child(EXTRACTION_TOKENS, "completion").inc(completion_tokens)
 
 
 def queue_depth(queue: str, depth: int) -> None:
-    QUEUE_DEPTH.labels(queue).set(depth)
+    _child(QUEUE_DEPTH, queue).set(depth)
 
 
 def queue_dropped(queue: str) -> None:
-    QUEUE_DROPPED.labels(queue).inc()
+    _child(QUEUE_DROPPED, queue).inc()
 
 
 def store_error(engine: str) -> None:
-    STORE_ERRORS.labels(engine).inc()
+    _child(STORE_ERRORS, engine).inc()
 
 
 def upstream_error(kind: str) -> None:
-    UPSTREAM_ERRORS.labels(kind).inc()
+    _child(UPSTREAM_ERRORS, kind).inc()
 
 
 def embedded(seconds: float, texts: int) -> None:
