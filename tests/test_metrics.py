@@ -291,3 +291,11 @@ def test_metrics_are_guarded_like_the_management_api(upstream: Upstream, setting
     if status == 401:
         assert response.json()["error"]["type"] == "authentication_error"
         assert "memory_proxy" not in response.text
+
+
+def test_the_readme_lists_every_metric_family() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    names = {metric.name + ("_total" if metric.type == "counter" else "") for metric in metrics.REGISTRY.collect()
+             if metric.name.startswith("memory_proxy_")}
+    assert len(names) == 16
+    assert [name for name in sorted(names) if f"| `{name}` |" not in readme] == []
