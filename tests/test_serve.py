@@ -97,9 +97,11 @@ def serve(upstream: str, tmp: Path) -> Iterator[Serve]:
 
 
 def ready(server: Serve) -> bool:
+    """Both workers have started (each says so in the log), and one answers /readyz."""
     assert server.proc.poll() is None, "serve exited"
+    started = [line for line in server.log.read_text().splitlines() if "Application startup complete" in line]
     with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(server.url + "/readyz", timeout=1).status_code == 200 and len(server.workers()) == 2
+        return len(started) == 2 and httpx.get(server.url + "/readyz", timeout=1).status_code == 200
     return False
 
 
@@ -210,8 +212,8 @@ def test_a_killed_worker_keeps_its_counts_and_the_metric_files_go_with_serve(tmp
         chats = 0
         while len(server.served("/v1/chat/completions")) < 2:  # each worker sets its write-queue gauge
             assert chats < 100
-            fake.reply("Noted.\n<memory>[\"User is left-handed\"]</memory>")
-            httpx.post(server.url + "/v1/chat/completions", headers={"X-Memory-User": "alice"}, timeout=30,
+            fake.reply("Noted.\n<memory>[\"User is left-handed\"]</memory>")  # new to each user: queued
+            httpx.post(server.url + "/v1/chat/completions", headers={"X-Memory-User": f"lefty-{chats}"}, timeout=30,
                        json={"model": "m", "messages": [{"role": "user", "content": "I am left-handed"}]})
             chats += 1
             wait_for(lambda n=chats: sum(server.served("/v1/chat/completions").values()) == n)
