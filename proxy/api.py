@@ -125,7 +125,7 @@ async def search_memories(request: Request) -> Response:
         return json_response({"object": "list", "data": [c.to_dict() for c in await sessions.search(user, query, k)]})
     if kind != "memory":
         raise BadRequest("'kind' must be memory or conversation", param="kind")
-    hits = await memories.recall(user, query, k=k, min_similarity=-1.0)
+    hits = await memories.recall(user, query, k=k, min_similarity=-1.0, profile=False)
     return json_response({"object": "list", "data": [h.to_dict() for h in hits]})
 
 

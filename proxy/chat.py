@@ -32,7 +32,8 @@ from proxy.identity import identify
 from proxy.memories import Memories, clean_text
 from proxy.models import Forget, Hit, NewMemory, Operation
 from proxy.passthrough import read_body, relay
-from proxy.rewrite import last_user_text, rewrite
+from proxy.rewrite import rewrite
+from proxy.search import question as search_question
 from proxy.sessions import Sessions
 from proxy.stream import ChatStreamFilter, filter_completion
 from proxy.upstream import RawHeaders, Upstream, close_quietly, request_headers, response_headers
@@ -63,7 +64,7 @@ async def chat_completions(request: Request) -> Response:
         return relay(forwarded)
 
     turn = sessions.begin(request, body, user)
-    question = last_user_text(body["messages"])
+    question = search_question(body["messages"])
     hits, fault = await recall(memories, user, question, settings.recall_budget_ms)
     excerpts = await sessions.recall(user, turn, question)
     body = await sessions.prepend(turn, body)

@@ -151,7 +151,7 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
         if args.verb == "list":
             show(args, [m.to_dict() for m in await store.list(user, args.limit, include_history=args.history)])
         elif args.verb == "search":
-            hits = await memories.recall(user, args.query, k=args.k, min_similarity=-1.0)
+            hits = await memories.recall(user, args.query, k=args.k, min_similarity=-1.0, profile=False)
             show(args, [h.to_dict() for h in hits])
         elif args.verb == "add":
             show(args, [m.to_dict() for m in await memories.add(

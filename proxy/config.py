@@ -51,7 +51,13 @@ class Settings:
     embed_cache: int = setting(2048, "Recent query vectors kept in an LRU cache (0 disables it).")
     user_header: str = setting("X-Memory-User", "Request header that names the end user (else the body's `user`).")
     recall_k: int = setting(5, "Most memories injected into one request.")
-    min_similarity: float = setting(0.15, "Least cosine similarity for recall (MiniLM scores related facts 0.15-0.5).")
+    min_similarity: float = setting(0.15, "Least score for recall: the cosine similarity, plus lexical_weight x the "
+                                          "share of the question's rare words a memory holds (README: Recall).")
+    lexical_weight: float = setting(0.5, "Weight of keyword (BM25) matches in recall's score beside the cosine "
+                                         "similarity (0: vectors only).")
+    profile_max: int = setting(5, "Most profile memories (category `profile`) injected into every request, ahead of "
+                                  "the recalled ones (0: none).")
+    profile_max_chars: int = setting(600, "Most characters of profile memories injected into one request.")
     dedupe_similarity: float = setting(0.9, "Cosine similarity at or above which a new memory updates an old one.")
     recall_budget_ms: float = setting(50.0, "Time allowed for recall; past it the request goes on without memory.")
     inject_max_chars: int = setting(2000, "Most characters of recalled memories injected into one request.")
@@ -187,6 +193,11 @@ def _validate(s: Settings) -> None:
     for name in positive:
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")
+    for name in ("profile_max", "profile_max_chars"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"setting {name!r} must not be negative")
+    if not 0.0 <= s.lexical_weight <= 2.0:
+        raise ConfigError("setting 'lexical_weight' must be between 0 and 2")
     for name in ("min_similarity", "dedupe_similarity", "conversation_min_similarity"):
         if not -1.0 <= getattr(s, name) <= 1.0:
             raise ConfigError(f"setting {name!r} must be a cosine similarity between -1 and 1")

@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from proxy.errors import StoreError
-from proxy.models import Forget, Hit, Memory, NewMemory, Operation
+from proxy.models import PROFILE, Forget, Hit, Memory, NewMemory, Operation
+from proxy.search import DENSE, Fusion, mixed
 from proxy.sensitive import secret_kind
 
 if TYPE_CHECKING:
@@ -32,6 +33,19 @@ def clean_text(text: str, max_chars: int) -> str:
     return " ".join(text.split())[:max_chars].strip()
 
 
+def capped_profile(hits: list[Hit], max_chars: int) -> list[Hit]:
+    """The hits without the profile ones that would take the profile texts past `max_chars` in all (earlier,
+    more recently updated ones are kept first); recalled hits all stay."""
+    kept, size = [], 0
+    for hit in hits:
+        if hit.memory.category == PROFILE:
+            if size + len(hit.memory.text) > max_chars:
+                continue
+            size += len(hit.memory.text)
+        kept.append(hit)
+    return kept
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     user: str
@@ -40,24 +54,39 @@ class Job:
 
 class Memories:
     def __init__(self, store: Store, embedder: Embedder, *, k: int = 5, min_similarity: float = 0.3,
-                 max_chars: int = 500, queue_size: int = 1000) -> None:
+                 max_chars: int = 500, queue_size: int = 1000, fusion: Fusion = DENSE, profile_max: int = 0,
+                 profile_max_chars: int = 600) -> None:
         self.store = store
         self.embedder = embedder
         self.k = k
         self.min_similarity = min_similarity
+        self.fusion = fusion
+        self.profile_max = profile_max
+        self.profile_max_chars = profile_max_chars
         self.max_chars = max_chars
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
         self.dropped = 0
         self.failed = 0
         self._worker: asyncio.Task[None] | None = None
 
-    async def recall(self, user: str, text: str, k: int | None = None,
-                     min_similarity: float | None = None) -> list[Hit]:
-        if not text.strip():
+    async def recall(self, user: str, text: str, k: int | None = None, min_similarity: float | None = None, *,
+                     profile: bool = True) -> list[Hit]:
+        """What to inject for `text` (a str, or a Question: proxy/search.py): the user's profile memories first
+        whatever the question (at most profile_max, within profile_max_chars; not with `profile` False, as a
+        search of the API wants), then their memories for it, best first (hybrid ranking).
+        A user who never had a memory costs one lookup: the question is not embedded."""
+        if not text.strip() or not await self.store.known(user):
             return []
-        vector = await self.embedder.embed_one(text)
-        return await self.store.search(user, vector, k or self.k,
-                                       self.min_similarity if min_similarity is None else min_similarity)
+        before = getattr(text, "before", "")  # a Question (proxy/search.py): the user's message before it
+        if before.strip():  # usually still in the embedder's cache: it was the last message of the request before
+            last, previous = await self.embedder.embed([text, before])
+            vector = mixed(last, previous)
+        else:
+            vector = await self.embedder.embed_one(text)
+        hits = await self.store.search(user, vector, k or self.k,
+                                       self.min_similarity if min_similarity is None else min_similarity,
+                                       text=text, fusion=self.fusion, profile=self.profile_max if profile else 0)
+        return capped_profile(hits, self.profile_max_chars) if profile else hits
 
     def clean(self, items: Sequence[NewMemory]) -> list[NewMemory]:
         """The items to store: texts cleaned and capped; empty ones and obvious secrets left out."""
@@ -176,7 +205,9 @@ async def open_memories(settings: Settings, *, store: Store | None = None, embed
             stack.push_async_callback(store.close)
         ready("store")
         memories = Memories(store, embedder, k=settings.recall_k, min_similarity=settings.min_similarity,
-                            max_chars=settings.memory_max_chars, queue_size=settings.write_queue)
+                            max_chars=settings.memory_max_chars, queue_size=settings.write_queue,
+                            fusion=Fusion(lexical_weight=settings.lexical_weight), profile_max=settings.profile_max,
+                            profile_max_chars=settings.profile_max_chars)
         memories.start()
         stack.push_async_callback(memories.stop)
         yield memories

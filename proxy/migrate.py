@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,12 @@ from proxy.store.vectors import unit
 
 Floats = npt.NDArray[np.float32]
 Row = tuple[Memory, Floats]
+FIELDS = len(COLUMNS.split(","))  # a memory's own columns, then its embedding
+
+
+def fields(memory: Memory) -> tuple[Any, ...]:
+    """The memory's values in COLUMNS order (both engines list the same columns)."""
+    return tuple(getattr(memory, name.strip().strip('"')) for name in COLUMNS.split(","))
 
 
 class Endpoint(Protocol):
@@ -76,20 +82,20 @@ class SqliteEndpoint:
         sql += "" if after is None else " WHERE (user, id) > (?, ?)"
         args = (*(after or ()), limit)
         rows = await self.store.read(lambda conn: conn.execute(sql + " ORDER BY user, id LIMIT ?", args).fetchall())
-        return [(Memory(*row[:10]), np.frombuffer(row[10], dtype=np.float32)) for row in rows]
+        return [(Memory(*row[:FIELDS]), np.frombuffer(row[FIELDS], dtype=np.float32)) for row in rows]
 
     async def import_rows(self, rows: Sequence[Row]) -> int:
-        params = [(m.id, m.user, m.text, m.category, m.source, m.created_at, m.updated_at, m.expires_at, m.supersedes,
-                   m.superseded_by, np.ascontiguousarray(vector, dtype=np.float32).tobytes()) for m, vector in rows]
+        params = [(*fields(m), np.ascontiguousarray(vector, dtype=np.float32).tobytes()) for m, vector in rows]
         users = sorted({m.user for m, _ in rows})
 
         def job(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
             conn.executemany(
-                f"INSERT INTO memories ({COLUMNS}, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO memories ({COLUMNS}, embedding) VALUES ({', '.join('?' * (FIELDS + 1))}) "
                 "ON CONFLICT (user, id) DO UPDATE SET text = excluded.text, category = excluded.category, "
                 "source = excluded.source, updated_at = excluded.updated_at, expires_at = excluded.expires_at, "
                 "supersedes = excluded.supersedes, superseded_by = excluded.superseded_by, "
+                "happened_at = excluded.happened_at, valid_until = excluded.valid_until, "
                 "embedding = excluded.embedding WHERE excluded.updated_at > memories.updated_at "
                 "OR (memories.superseded_by IS NULL AND excluded.superseded_by IS NOT NULL)", params)
             written = int(conn.total_changes - before)
@@ -120,24 +126,29 @@ class PostgresEndpoint:
             cursor = conn.cursor(binary=True)  # vectors come back through the store's binary loader
             await cursor.execute(sql + ' ORDER BY "user", id LIMIT %(limit)s', params)
             rows = await cursor.fetchall()
-        return [(Memory(*row[:10]), row[10]) for row in rows]
+        return [(Memory(*row[:FIELDS]), row[FIELDS]) for row in rows]
 
     async def import_rows(self, rows: Sequence[Row]) -> int:
         if not rows:
             return 0
         matrix = unit(self.store.as_matrix(np.stack([vector for _, vector in rows]), len(rows)))
-        params = [(m.id, m.user, m.text, m.category, m.source, m.created_at, m.updated_at, m.expires_at, m.supersedes,
-                   m.superseded_by, vector) for (m, _), vector in zip(rows, matrix, strict=True)]
+        params = [(*fields(m), vector) for (m, _), vector in zip(rows, matrix, strict=True)]
         async with self.store.connection() as conn, conn.transaction(), conn.cursor() as cursor:
             await cursor.executemany(f"""INSERT INTO memories ({postgres.COLUMNS}, embedding) VALUES
-                (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %b)
+                ({', '.join(['%s'] * FIELDS)}, %b)
                 ON CONFLICT ("user", id) DO UPDATE SET text = excluded.text, category = excluded.category,
                     source = excluded.source, updated_at = excluded.updated_at, expires_at = excluded.expires_at,
                     supersedes = excluded.supersedes, superseded_by = excluded.superseded_by,
+                    happened_at = excluded.happened_at, valid_until = excluded.valid_until,
                     embedding = excluded.embedding
                 WHERE excluded.updated_at > memories.updated_at
                    OR (memories.superseded_by IS NULL AND excluded.superseded_by IS NOT NULL)""", params)
-            return max(0, cursor.rowcount)
+            written = max(0, cursor.rowcount)
+            for user in sorted({m.user for m, _ in rows}):  # every instance's cache of these users goes stale
+                await self.store.bump(conn, user)
+        for user in {m.user for m, _ in rows}:
+            self.store.cache.discard(user)
+        return written
 
     async def close(self) -> None:
         await self.store.close()

@@ -9,6 +9,10 @@ from typing import Any
 
 # Between tenant and user in the store's user id; a control character, so no valid id can contain it.
 TENANT_SEPARATOR = "\x1f"
+# What a memory can be. `profile` memories are injected into every request of the user, ahead of the recalled
+# ones (the user's name, the language they want answers in, a strong allergy), within profile_k / profile_max_chars.
+CATEGORIES = ("fact", "preference", "context", "event", "profile")
+PROFILE = "profile"
 
 
 def new_id() -> str:
@@ -31,6 +35,10 @@ class Memory:
     expires_at: float | None = None
     supersedes: str | None = None
     superseded_by: str | None = None
+    # When it happened, as the user said it (ISO 8601, as precise as said: "2024", "2024-05", "2024-05-12").
+    happened_at: str | None = None
+    # When it stopped being current: the moment a newer memory replaced it (history keeps [created_at, valid_until)).
+    valid_until: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As the API shows it: the user without the tenant namespace the store files it under."""
@@ -60,6 +68,7 @@ class NewMemory:
     source: str = "api"
     ttl_seconds: float | None = None
     replaces: str | None = None
+    happened_at: str | None = None  # ISO 8601 date or date-time, as precise as the user said it
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,11 @@ Semantics shared by every engine (and proven by one test suite run against each)
 - `add` stores each NewMemory for the user; a near-duplicate (cosine >= dedupe_similarity) of an active memory
   of the same user updates that memory (text, category, updated_at, expiry) instead of adding one;
   `replaces` marks the named memory superseded (kept as history, never recalled).
-- `search` ranks only that user's active memories, inside the query itself, best first, score = cosine.
-  Among near-equal scores the newest wins.
+- `search` ranks only that user's active memories, best first. The score is the cosine similarity, plus, when
+  the question's text is given, `fusion.lexical_weight` x the share of its rare words the memory holds (BM25 over
+  that user's memories alone: proxy/search.py). Among near-equal scores the newest wins. With `profile`, up to
+  that many of the user's profile memories (most recently updated first) lead the list whatever their score.
+- `known` says whether the user has (or had) memories, in one lookup: recall skips the embedding otherwise.
 - Expired memories are never returned by search and are deleted by `purge_expired`.
 """
 
@@ -21,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from proxy.models import Hit, Memory, NewMemory, new_id
+from proxy.search import DENSE, Fusion
 
 Vector = npt.NDArray[np.float32]
 
@@ -52,8 +56,13 @@ class Store(Protocol):
     async def add(self, user: str, items: Sequence[NewMemory], vectors: Vector) -> list[Memory]:
         """Write memories (rows of `vectors` match `items`); returns each stored or updated memory."""
 
-    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0) -> list[Hit]:
-        """The user's top-k active memories by cosine similarity, at least `min_score`."""
+    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0, *, text: str = "",
+                     fusion: Fusion = DENSE, profile: int = 0) -> list[Hit]:
+        """Up to `profile` profile memories, then the user's top-k other active memories by score (cosine, plus
+        the keyword share of `text` weighted by `fusion`), at least `min_score`."""
+
+    async def known(self, user: str) -> bool:
+        """Whether the user has or had memories (False: a search would find nothing)."""
 
     async def get(self, user: str, memory_id: str) -> Memory | None: ...
 

@@ -1,0 +1,139 @@
+"""The PostgreSQL database: schema (numbered migrations), pgvector's binary format, and errors said plainly.
+
+proxy/store/postgres.py builds the store on these.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+from psycopg.adapt import Buffer, Dumper, Loader
+from psycopg.pq import Format
+from psycopg_pool import PoolTimeout
+
+from proxy.errors import StoreError
+from proxy.models import Memory
+
+Floats = npt.NDArray[np.float32]
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+COLUMNS = ('id, "user", text, category, source, created_at, updated_at, expires_at, supersedes, superseded_by, '
+           "happened_at, valid_until")
+LIVE = "superseded_by IS NULL AND (expires_at IS NULL OR expires_at > %(now)s)"
+MIGRATION_LOCK = (0x6D656D70, 1)  # 'memp', 1: the two-int advisory key space never meets the per-user bigint keys
+
+# Numbered schema steps; memory_schema_version holds one row per step applied. Append, never edit a released step.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE EXTENSION IF NOT EXISTS vector",
+        "CREATE TABLE memory_meta (key text PRIMARY KEY, value text NOT NULL)",
+        """CREATE TABLE memories (
+            "user" text NOT NULL, id text NOT NULL, text text NOT NULL, category text NOT NULL,
+            source text NOT NULL, created_at double precision NOT NULL, updated_at double precision NOT NULL,
+            expires_at double precision, supersedes text, superseded_by text, embedding vector NOT NULL,
+            PRIMARY KEY ("user", id))""",
+        "CREATE INDEX memories_expiry ON memories (expires_at) WHERE expires_at IS NOT NULL",
+    ),
+    (  # every write bumps its user's generation: each instance's vector cache knows when it is stale
+        'CREATE TABLE memory_users ("user" text PRIMARY KEY, generation bigint NOT NULL)',
+        'INSERT INTO memory_users ("user", generation) SELECT DISTINCT "user", 1 FROM memories',
+        # time: when it happened (as the user said it) and when a replaced memory stopped being current
+        "ALTER TABLE memories ADD COLUMN happened_at text, ADD COLUMN valid_until double precision",
+        """UPDATE memories SET valid_until = newer.created_at FROM memories AS newer
+           WHERE newer."user" = memories."user" AND newer.id = memories.superseded_by""",
+    ),
+)
+
+
+class VectorDumper(Dumper):
+    """numpy float32 → pgvector's binary form: dimension and a reserved int16, then big-endian float4s.
+    The `oid` is set per database in a subclass (the type comes from an extension, so its oid varies)."""
+
+    format = Format.BINARY
+
+    def dump(self, obj: Any) -> Buffer:
+        vector = np.asarray(obj, dtype=">f4").ravel()
+        return struct.pack(">HH", vector.size, 0) + vector.tobytes()
+
+
+class VectorLoader(Loader):
+    format = Format.BINARY
+
+    def load(self, data: Buffer) -> Floats:
+        (dimension,) = struct.unpack_from(">H", data)
+        return np.frombuffer(data, dtype=">f4", count=dimension, offset=4).astype(np.float32)
+
+
+class RawVectorLoader(Loader):
+    """pgvector's binary form as it comes: a search's cache load joins a user's rows into one matrix at once."""
+
+    format = Format.BINARY
+
+    def load(self, data: Buffer) -> bytes:
+        return bytes(data)
+
+
+def matrix_of(raw: Sequence[bytes], dimension: int) -> Floats:
+    """Rows of pgvector's binary form (a 4-byte header, then big-endian float4s) as one float32 matrix."""
+    if not raw:
+        return np.zeros((0, dimension), dtype=np.float32)
+    joined = np.frombuffer(b"".join(raw), dtype=">f4").reshape(len(raw), dimension + 1)
+    return joined[:, 1:].astype(np.float32)
+
+
+def redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def describe(url: str, exc: Exception) -> StoreError:
+    message = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, PoolTimeout):
+        why = "no database connection became free in time (the server is down or the pool is exhausted)"
+    elif isinstance(exc, psycopg.errors.InsufficientPrivilege) and "vector" in message:
+        why = ("the pgvector extension is missing and this role may not create it: "
+               "run CREATE EXTENSION vector as a superuser")
+    elif isinstance(exc, psycopg.errors.UndefinedFile | psycopg.errors.FeatureNotSupported) and "vector" in message:
+        why = "the server has no pgvector extension installed (use the pgvector/pgvector image or install it)"
+    elif isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
+        why = "cannot reach the database"
+    else:
+        why = "the memory store failed"
+    return StoreError(f"PostgreSQL memory store {redact(url)}: {why} ({message})")
+
+
+async def migrate(conn: Conn, dimension: int) -> int:
+    """Apply the pending numbered steps and record (or check) the vector dimension, in one transaction under a
+    lock that other starting instances wait for; returns the oid of the vector type."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", MIGRATION_LOCK)
+        found = await (await conn.execute("SELECT to_regclass('memory_schema_version') IS NOT NULL")).fetchone()
+        if not (found and found[0]):  # IF NOT EXISTS alone would still need CREATE rights on every start
+            await conn.execute("CREATE TABLE memory_schema_version ("
+                               "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        row = await (await conn.execute("SELECT coalesce(max(version), 0) FROM memory_schema_version")).fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(f"the database schema is version {version}, newer than this memory-proxy knows "
+                             f"({len(MIGRATIONS)}): upgrade memory-proxy")
+        for number, steps in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in steps:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO memory_schema_version (version) VALUES (%s)", (number,))
+        row = await (await conn.execute("SELECT value FROM memory_meta WHERE key = 'dimension'")).fetchone()
+        if row is None:
+            await conn.execute("INSERT INTO memory_meta (key, value) VALUES ('dimension', %s)", (str(dimension),))
+        elif int(row[0]) != dimension:
+            raise StoreError(f"this database holds {row[0]}-dimensional vectors, but the embedding model makes "
+                             f"{dimension}: use another database or the model it was made with")
+        row = await (await conn.execute("SELECT 'vector'::regtype::oid")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def to_memory(row: Sequence[Any]) -> Memory:
+    return Memory(*row[:12])
