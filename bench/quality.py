@@ -165,9 +165,10 @@ def variants() -> dict[str, tuple[str, Ranker]]:
     return found
 
 
-def in_process(users: list[dict[str, Any]], embedded: dict[str, Any]) -> dict[str, dict[str, Score]]:
+def in_process(users: list[dict[str, Any]], embedded: dict[str, Any],
+               ranked: dict[str, tuple[str, Ranker]] | None = None) -> dict[str, dict[str, Score]]:
     """Fusion variants ranked with proxy/search.py directly over each user's current memories (no store)."""
-    ranked = variants()
+    ranked = ranked or variants()
     scores: dict[str, dict[str, Score]] = {name: {} for name in ranked}
     for user in users:
         replaced = {m["replaces"] for m in user["memories"] if m["replaces"]}
@@ -231,7 +232,8 @@ async def embed_all(embedder: Embedder, users: list[dict[str, Any]]) -> dict[str
     """Vectors of every memory, and of every question as searched in each query mode."""
     embedded: dict[str, Any] = {"dimension": embedder.dimension}
     for user in users:
-        found = embedded[user["user"]] = {"memories": await embedder.embed([m["text"] for m in user["memories"]])}
+        passages = getattr(embedder, "embed_passages", embedder.embed)  # models with query/passage prefixes
+        found = embedded[user["user"]] = {"memories": await passages([m["text"] for m in user["memories"]])}
         for context in ("none", "joined user", "joined turn"):
             found[context] = await embedder.embed([query(q, context) for q in user["questions"]])
         found["before"] = await embedder.embed([search_question(messages_of(q)).before or "-"
@@ -247,10 +249,10 @@ async def embedding_cost(embedder: Embedder, users: list[dict[str, Any]]) -> dic
     questions = [q for user in users for q in user["questions"]][::3]
     for n, question in enumerate(questions):
         for context in samples:
-            texts = [f"{query(question, context)} ({n})"]
+            texts = [f"{query(question, context)} ({context} {n})"]  # new to the cache
             if context.startswith("question"):
                 asked = search_question(messages_of(question))
-                texts = [f"{asked} ({n})", f"{asked.before} ({n})"]
+                texts = [f"{asked} ({context} {n})", f"{asked.before} ({context} {n})"]
                 if context == "question":  # as in the proxy: the message before was the last one of the request before
                     await embedder.embed(texts[1:])
             start = time.perf_counter()

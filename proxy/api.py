@@ -15,7 +15,7 @@ from starlette.routing import Route
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Memories, clean_text
-from proxy.models import Memory, NewMemory, check_user_id
+from proxy.models import Memory, NewMemory, check_user_id, happened_at
 from proxy.passthrough import read_body
 from proxy.sensitive import secret_kind
 from proxy.sessions import Sessions
@@ -86,7 +86,12 @@ def new_memory(item: Any, *, param: str = "text", max_chars: int | None = None) 
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl)
                             or ttl <= 0):
         raise BadRequest("'ttl_seconds' must be a positive number", param="ttl_seconds")
-    return NewMemory(text=text, category=clean_text(category, 64).lower(), source="api", ttl_seconds=ttl)
+    when = happened_at(item.get("happened_at"))
+    if item.get("happened_at") is not None and when is None:
+        raise BadRequest("'happened_at' must be an ISO 8601 date or date-time (2024, 2024-05, 2024-05-12, "
+                         "2024-05-12T18:30Z)", param="happened_at")
+    return NewMemory(text=text, category=clean_text(category, 64).lower(), source="api", ttl_seconds=ttl,
+                     happened_at=when)
 
 
 @guarded
@@ -146,15 +151,15 @@ async def get_memory(request: Request) -> Response:
 async def patch_memory(request: Request) -> Response:
     memories, user, memory = await _one(request)
     body = await json_body(request)
-    if not isinstance(body, dict) or not {"text", "category", "ttl_seconds"} & body.keys():
-        raise BadRequest("give at least one of 'text', 'category', 'ttl_seconds'")
+    if not isinstance(body, dict) or not {"text", "category", "ttl_seconds", "happened_at"} & body.keys():
+        raise BadRequest("give at least one of 'text', 'category', 'ttl_seconds', 'happened_at'")
     patch = new_memory({"text": memory.text, "category": memory.category, **body}, max_chars=memories.max_chars)
     text = clean_text(patch.text, memories.max_chars) if "text" in body else None
     vector = (await memories.embedder.embed([text]))[0] if text else None
     expires_at = time.time() + patch.ttl_seconds if "ttl_seconds" in body and patch.ttl_seconds else None
     updated = await memories.store.update(user, memory.id, text=text, vector=vector,
                                           category=patch.category if "category" in body else None,
-                                          expires_at=expires_at)
+                                          expires_at=expires_at, happened_at=patch.happened_at)
     if updated is None:
         raise NotFound(f"no memory {memory.id!r} for this user", param="id")
     return json_response(updated.to_dict())

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from proxy.errors import StoreError
-from proxy.models import PROFILE, Forget, Hit, Memory, NewMemory, Operation
+from proxy.models import PROFILE, Forget, Hit, Memory, NewMemory, Operation, happened_at
 from proxy.search import DENSE, Fusion, mixed
 from proxy.sensitive import secret_kind
 
@@ -97,7 +97,7 @@ class Memories:
             if kind:
                 log.warning("not storing a memory that looks like a %s", kind)  # never log the text itself
             elif text:
-                cleaned.append(replace(item, text=text))
+                cleaned.append(replace(item, text=text, happened_at=happened_at(item.happened_at)))
         return cleaned
 
     async def add(self, user: str, items: Sequence[NewMemory]) -> list[Memory]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
+from datetime import date, datetime
 from typing import Any
 
 # Between tenant and user in the store's user id; a control character, so no valid id can contain it.
@@ -82,6 +84,27 @@ Operation = NewMemory | Forget
 
 
 MAX_USER_ID = 256
+PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
+
+
+def happened_at(value: Any) -> str | None:
+    """`value` as a `happened_at`: an ISO 8601 date or date-time as precise as the user said it ("2024",
+    "2024-05", "2024-05-12", "2024-05-12T18:30", with an offset or Z), normalised; None when it is none of them."""
+    if not isinstance(value, str) or not 4 <= len(value.strip()) <= 40:
+        return None
+    text: str = value.strip()
+    partial = PARTIAL_DATE.fullmatch(text)
+    if partial:
+        year, month = int(partial.group(1)), partial.group(2)
+        if year < 1 or (month is not None and not 1 <= int(month) <= 12):
+            return None
+        return text
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text).isoformat()
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).isoformat()
+    except ValueError:
+        return None
 
 
 def check_user_id(user: str) -> str | None:

@@ -47,7 +47,7 @@ def test_instruction_appended_to_system_and_memories_before_last_user() -> None:
     assert msgs[0] == {"role": "system", "content": "Be brief.\n\n" + INSTRUCTION}
     assert msgs[1:3] == original["messages"][1:3]  # earlier turns untouched
     assert msgs[3]["role"] == "system" and '"User lives in Lisbon"' in msgs[3]["content"]
-    assert "[m1] (fact)" in msgs[3]["content"]
+    assert "[m1] (fact, noted 1970-01-01)" in msgs[3]["content"]
     assert msgs[4] == original["messages"][3]
     assert aliases == {"m1": "real-1"}
     for key in ("tools", "n", "x_unknown", "stream_options", "response_format", "logprobs", "model"):
@@ -105,3 +105,21 @@ def test_messages_that_are_not_objects_are_left_alone() -> None:
     body: dict[str, Any] = {"messages": ["weird", {"role": "user", "content": "hi"}]}
     out, _ = rewrite(body, [hit("f")], instruction=INSTRUCTION)
     assert out["messages"][1] == "weird"
+
+
+def test_memories_show_their_dates_and_today_profile_first() -> None:
+    hits = [hit("User ran the Lisbon half marathon", id="e", category="event"),
+            Hit(Memory(id="p", user="u", text="User's name is Ana", category="profile", source="api",
+                       created_at=1_700_000_000.0, updated_at=1_700_000_000.0), 0.1),
+            Hit(Memory(id="d", user="u", text="User moved to Oslo", category="fact", source="api", created_at=1.0,
+                       updated_at=1.0, happened_at="2024-05"), 0.5)]
+    text, aliases = render_memories(hits, max_chars=2000, today="2025-03-01")
+    lines = text.splitlines()
+    assert lines[2] == "Today is 2025-03-01."
+    assert lines[3] == '[m1] (profile, noted 2023-11-14) "User\'s name is Ana"'  # profile first, whatever its rank
+    assert lines[4] == '[m2] (event, noted 1970-01-01) "User ran the Lisbon half marathon"'
+    assert lines[5] == '[m3] (fact, happened 2024-05) "User moved to Oslo"'
+    assert aliases == {"m1": "p", "m2": "e", "m3": "d"}
+    assert len(render_memories(hits, max_chars=len(text))[0]) <= len(text)  # the date line counts in the cap
+    assert "Today is " in render_memories(hits[:1], max_chars=2000)[0]
+    assert render_memories([], max_chars=2000) == ("", {})

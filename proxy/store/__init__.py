@@ -71,7 +71,9 @@ class Store(Protocol):
         """Newest first; `before` is a memory id (the cursor); superseded memories only with include_history."""
 
     async def update(self, user: str, memory_id: str, *, text: str | None = None, category: str | None = None,
-                     vector: Vector | None = None, expires_at: float | None = None) -> Memory | None: ...
+                     vector: Vector | None = None, expires_at: float | None = None,
+                     happened_at: str | None = None) -> Memory | None:
+        """Change what is given (None: unchanged) of a live memory; None when there is no such memory."""
 
     async def forget(self, user: str, memory_id: str) -> bool: ...
 

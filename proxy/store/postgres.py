@@ -61,7 +61,7 @@ from proxy.store.postgres_db import (
     migrate,
     to_memory,
 )
-from proxy.store.vectors import TIE, Draft, UserVectors, VectorCache, choose, rank, unit
+from proxy.store.vectors import TIE, Draft, UserVectors, VectorCache, choose, newest_first, rank, unit
 
 __all__ = ["COLUMNS", "MIGRATIONS", "Conn", "PostgresStore", "VectorDumper", "describe"]
 
@@ -262,16 +262,19 @@ class PostgresStore(Engine):
         return str(rows[0][0]) if rows and rows[0][1] >= self.dedupe_similarity else None
 
     async def update(self, user: str, memory_id: str, *, text: str | None = None, category: str | None = None,
-                     vector: Vector | None = None, expires_at: float | None = None) -> Memory | None:
+                     vector: Vector | None = None, expires_at: float | None = None,
+                     happened_at: str | None = None) -> Memory | None:
         direction = None if vector is None else unit(self.as_matrix(vector, 1))[0]
         async with self.writing(user) as conn:
             now = time.time()
             rows = await self.fetch(conn, f"""UPDATE memories SET text = coalesce(%(text)s, text),
                 category = coalesce(%(category)s, category), embedding = coalesce(%(vector)b, embedding),
-                expires_at = coalesce(%(expires_at)s, expires_at), updated_at = %(now)s
+                expires_at = coalesce(%(expires_at)s, expires_at), updated_at = %(now)s,
+                happened_at = coalesce(%(happened_at)s, happened_at)
                 WHERE "user" = %(user)s AND id = %(id)s AND (expires_at IS NULL OR expires_at > %(now)s)
                 RETURNING {COLUMNS}""", {"text": text, "category": category, "vector": direction,
-                                         "expires_at": expires_at, "now": now, "user": user, "id": memory_id})
+                                         "expires_at": expires_at, "now": now, "user": user, "id": memory_id,
+                                         "happened_at": happened_at})
         return to_memory(rows[0]) if rows else None
 
     async def forget(self, user: str, memory_id: str) -> bool:
@@ -365,8 +368,9 @@ class PostgresStore(Engine):
                                       f'WHERE "user" = %(user)s AND {LIVE} ORDER BY id', params)
         memories = [to_memory(row) for row in rows]
         updated = [m.updated_at for m in memories]
-        pinned = sorted((n for n, m in enumerate(memories) if m.category == PROFILE), key=lambda n: -updated[n])
-        top = choose(np.array([row[SCORE] for row in rows], dtype=np.float64), updated, [m.id for m in memories], k,
+        ids = [m.id for m in memories]
+        pinned = newest_first([n for n, m in enumerate(memories) if m.category == PROFILE], updated, ids)
+        top = choose(np.array([row[SCORE] for row in rows], dtype=np.float64), updated, ids, k,
                      min_score, text=text, lexicon=Lexicon.build(m.text for m in memories) if fusion.lexical else None,
                      fusion=fusion, profile=pinned[:profile])
         return [Hit(memories[index], score) for index, score in top]

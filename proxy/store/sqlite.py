@@ -59,7 +59,7 @@ from proxy.store.sqlite_db import (
     random_generation,
     to_memory,
 )
-from proxy.store.vectors import Draft, UserVectors, VectorCache, choose, unit
+from proxy.store.vectors import Draft, UserVectors, VectorCache, choose, newest_first, unit
 
 __all__ = ["COLUMNS", "MIGRATIONS", "SqliteStore", "db"]
 T = TypeVar("T")
@@ -257,16 +257,18 @@ class SqliteStore(Engine):
         return str(row[0]) if row is not None and 1.0 - row[1] >= self.dedupe_similarity else None
 
     async def update(self, user: str, memory_id: str, *, text: str | None = None, category: str | None = None,
-                     vector: Vector | None = None, expires_at: float | None = None) -> Memory | None:
+                     vector: Vector | None = None, expires_at: float | None = None,
+                     happened_at: str | None = None) -> Memory | None:
         blob = None if vector is None else self.as_matrix(vector, 1).tobytes()
 
         def job(conn: sqlite3.Connection) -> Memory | None:
             now = time.time()
             changed = conn.execute(
                 "UPDATE memories SET text = coalesce(?, text), category = coalesce(?, category), "
-                "embedding = coalesce(?, embedding), expires_at = coalesce(?, expires_at), updated_at = ? "
+                "embedding = coalesce(?, embedding), expires_at = coalesce(?, expires_at), "
+                "happened_at = coalesce(?, happened_at), updated_at = ? "
                 "WHERE user = ? AND id = ? AND (expires_at IS NULL OR expires_at > ?)",
-                (text, category, blob, expires_at, now, user, memory_id, now)).rowcount
+                (text, category, blob, expires_at, happened_at, now, user, memory_id, now)).rowcount
             if not changed:
                 return None
             self.bump(conn, user)
@@ -357,7 +359,7 @@ class SqliteStore(Engine):
             ids, updated = [r[0] for r in scored], [r[1] for r in scored]
             dense = np.array([-np.inf if r[2] is None else r[2] for r in scored], dtype=np.float64)
             lexicon = Lexicon.build(r[3] for r in scored) if fusion.lexical else None
-            pinned = sorted((n for n, r in enumerate(scored) if r[4] == PROFILE), key=lambda n: -updated[n])
+            pinned = newest_first([n for n, r in enumerate(scored) if r[4] == PROFILE], updated, ids)
             top = choose(dense, updated, ids, k, min_score, text=text, lexicon=lexicon, fusion=fusion,
                          profile=pinned[:profile])
         else:

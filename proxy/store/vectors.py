@@ -44,6 +44,11 @@ def rank(scores: npt.NDArray[np.floating[Any]], updated: Floats, ids: Ids, k: in
     return [(row, float(scores[row])) for row in ranked[:k]]
 
 
+def newest_first(rows: Sequence[int], updated: Floats, ids: Ids) -> list[int]:
+    """Rows ordered as profile memories are shown: most recently updated first, then the newest id."""
+    return sorted((int(row) for row in rows), key=lambda row: (updated[row], ids[row]), reverse=True)
+
+
 def choose(dense: npt.NDArray[np.floating[Any]], updated: Floats, ids: Ids, k: int, min_score: float, *,
            text: str = "", lexicon: Lexicon | None = None, fusion: Fusion, profile: Sequence[int] = ()
            ) -> list[tuple[int, float]]:
@@ -118,12 +123,12 @@ class UserVectors:
         return 128 + held + self.expires.nbytes + self.updated.nbytes + self.ids.nbytes + words
 
     def profile(self, now: float, limit: int) -> list[int]:
-        """The rows of live profile memories, most recently updated first, at most `limit`."""
+        """The rows of live profile memories, newest_first, at most `limit`."""
         if self.pinned is None or limit <= 0 or not self.pinned.any():
             return []
         rows = np.flatnonzero(self.pinned & (self.expires > now))
         rows = rows[~np.isin(rows, self.dead)]
-        return [int(row) for row in rows[np.argsort(-self.updated[rows], kind="stable")][:limit]]
+        return newest_first(rows.tolist(), self.updated, self.ids)[:limit]
 
 
 class VectorCache:
