@@ -20,6 +20,7 @@ from proxy.config import Settings
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.memories import open_memories
 from proxy.models import NewMemory, check_user_id
+from proxy.reembed import reembed_command
 from proxy.store.sessions import open_session_store
 
 
@@ -46,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the store to write (created if need be)")
     migrate.add_argument("--batch", type=int, default=1000, help="rows per transaction")
     migrate.set_defaults(run=run_migrate)
+
+    reembed = commands.add_parser("reembed", help="re-embed every stored memory for the configured model "
+                                  "(stop the proxies first; resumable: run it again after an interruption)")
+    reembed.add_argument("--db", help="SQLite path or sqlite:///path, or a postgresql:// URL")
+    reembed.add_argument("--config", help="TOML settings file (model_dir names the new model)")
+    reembed.add_argument("--batch", type=int, default=256, help="texts per model run and transaction")
+    reembed.set_defaults(run=lambda args: asyncio.run(reembed_command(settings_from(args), args.batch)))
 
     memories = commands.add_parser("memories", help="read and change memories in the store directly")
     verbs = memories.add_subparsers(dest="verb", required=True, metavar="VERB")

@@ -201,7 +201,7 @@ async def open_memories(settings: Settings, *, store: Store | None = None, embed
         ready("model")
         if store is None:
             store = await open_store(settings.db, dimension=embedder.dimension,
-                                     dedupe_similarity=settings.dedupe_similarity)
+                                     dedupe_similarity=settings.dedupe_similarity, model=embedder.name)
             stack.push_async_callback(store.close)
         ready("store")
         memories = Memories(store, embedder, k=settings.recall_k, min_similarity=settings.min_similarity,

@@ -17,16 +17,42 @@ Semantics shared by every engine (and proven by one test suite run against each)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from proxy.errors import StoreError
 from proxy.models import Hit, Memory, NewMemory, new_id
 from proxy.search import DENSE, Fusion
 
 Vector = npt.NDArray[np.float32]
+
+
+def vector_meta(found: Mapping[str, str], dimension: int | None, model: str | None = None) -> dict[str, str]:
+    """The entries a store's meta table must gain for vectors of `dimension` made by `model` (None: not checked),
+    given the entries `found`. StoreError when the store's vectors were made by another model (mixing two models'
+    vectors would make recall silently wrong) or a re-embedding is under way. `dimension` None checks nothing."""
+    if dimension is None:
+        return {}
+    if "reembed_model" in found:
+        raise StoreError(f"the memories are being re-embedded for model {found['reembed_model']!r}: finish it "
+                         "with `memory-proxy reembed` before serving")
+    new = {}
+    if "dimension" not in found:
+        new["dimension"] = str(dimension)
+    elif int(found["dimension"]) != dimension:
+        raise StoreError(f"this database holds {found['dimension']}-dimensional vectors, but the embedding model "
+                         f"makes {dimension}: use the model it was made with ({found.get('model', 'unrecorded')}), "
+                         "or re-embed it for this one with `memory-proxy reembed`")
+    if model:
+        if "model" not in found:
+            new["model"] = model
+        elif found["model"] != model:
+            raise StoreError(f"this database's vectors were made by model {found['model']!r}, not {model!r}: use "
+                             "that model, or re-embed the memories for this one with `memory-proxy reembed`")
+    return new
 
 
 class Engine:
@@ -87,14 +113,15 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-async def open_store(url: str, *, dimension: int, dedupe_similarity: float = 0.9) -> Store:
-    """`postgresql://…` or `postgres://…` → PostgreSQL; `sqlite:///path`, a plain path or `:memory:` → SQLite."""
+async def open_store(url: str, *, dimension: int, dedupe_similarity: float = 0.9, model: str | None = None) -> Store:
+    """`postgresql://…` or `postgres://…` → PostgreSQL; `sqlite:///path`, a plain path or `:memory:` → SQLite.
+    With `model`, a store whose vectors another model made is refused (see `vector_meta`)."""
     if url.startswith(("postgresql://", "postgres://")):
         from proxy.store.postgres import PostgresStore
 
-        return await PostgresStore.open(url, dimension=dimension, dedupe_similarity=dedupe_similarity)
+        return await PostgresStore.open(url, dimension=dimension, dedupe_similarity=dedupe_similarity, model=model)
     from proxy.store.sqlite import SqliteStore
 
     # sqlite:///var/lib/x.db names /var/lib/x.db; a bare path is taken as it is.
     path = url[len("sqlite://"):] if url.startswith("sqlite://") else url
-    return await SqliteStore.open(path, dimension=dimension, dedupe_similarity=dedupe_similarity)
+    return await SqliteStore.open(path, dimension=dimension, dedupe_similarity=dedupe_similarity, model=model)

@@ -106,13 +106,15 @@ class PostgresStore(Engine):
 
     @classmethod
     async def open(cls, url: str, *, dimension: int, dedupe_similarity: float, min_size: int = 1,
-                   max_size: int = 10, wait: float = 10.0, cache_bytes: int = 128 << 20) -> Self:
+                   max_size: int = 10, wait: float = 10.0, cache_bytes: int = 128 << 20,
+                   model: str | None = None) -> Self:
         """Connect, migrate, and open a pool of `min_size`..`max_size` connections (connecting and waiting
-        for a free connection give up after `wait` seconds). `cache_bytes`: this process's vector cache."""
+        for a free connection give up after `wait` seconds). `cache_bytes`: this process's vector cache. With
+        `model`, a database whose vectors another model made is refused."""
         try:
             async with await psycopg.AsyncConnection.connect(url, autocommit=True,
                                                         connect_timeout=max(1, round(wait))) as conn:
-                oid = await migrate(conn, dimension)
+                oid = await migrate(conn, dimension, model)
         except psycopg.Error as exc:
             raise describe(url, exc) from exc
         dumper = type("BoundVectorDumper", (VectorDumper,), {"oid": oid})

@@ -19,6 +19,7 @@ from psycopg_pool import PoolTimeout
 
 from proxy.errors import StoreError
 from proxy.models import Memory
+from proxy.store import vector_meta
 
 Floats = npt.NDArray[np.float32]
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
@@ -106,9 +107,10 @@ def describe(url: str, exc: Exception) -> StoreError:
     return StoreError(f"PostgreSQL memory store {redact(url)}: {why} ({message})")
 
 
-async def migrate(conn: Conn, dimension: int) -> int:
-    """Apply the pending numbered steps and record (or check) the vector dimension, in one transaction under a
-    lock that other starting instances wait for; returns the oid of the vector type."""
+async def migrate(conn: Conn, dimension: int | None, model: str | None = None) -> int:
+    """Apply the pending numbered steps and record (or check: proxy/store `vector_meta`) the vectors' dimension
+    and model, in one transaction under a lock that other starting instances wait for; returns the oid of the
+    vector type. `dimension` None checks nothing (re-embedding)."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", MIGRATION_LOCK)
         found = await (await conn.execute("SELECT to_regclass('memory_schema_version') IS NOT NULL")).fetchone()
@@ -124,12 +126,9 @@ async def migrate(conn: Conn, dimension: int) -> int:
             for statement in steps:
                 await conn.execute(statement)
             await conn.execute("INSERT INTO memory_schema_version (version) VALUES (%s)", (number,))
-        row = await (await conn.execute("SELECT value FROM memory_meta WHERE key = 'dimension'")).fetchone()
-        if row is None:
-            await conn.execute("INSERT INTO memory_meta (key, value) VALUES ('dimension', %s)", (str(dimension),))
-        elif int(row[0]) != dimension:
-            raise StoreError(f"this database holds {row[0]}-dimensional vectors, but the embedding model makes "
-                             f"{dimension}: use another database or the model it was made with")
+        meta: dict[str, str] = dict(await (await conn.execute("SELECT key, value FROM memory_meta")).fetchall())
+        for key, value in vector_meta(meta, dimension, model).items():
+            await conn.execute("INSERT INTO memory_meta (key, value) VALUES (%s, %s)", (key, value))
         row = await (await conn.execute("SELECT 'vector'::regtype::oid")).fetchone()
         assert row is not None
         return int(row[0])

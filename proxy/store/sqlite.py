@@ -87,22 +87,23 @@ class SqliteStore(Engine):
 
     @classmethod
     async def open(cls, path: str, *, dimension: int, dedupe_similarity: float, busy_timeout: float = 5.0,
-                   readers: int = 2, cache_bytes: int = 128 << 20) -> SqliteStore:
+                   readers: int = 2, cache_bytes: int = 128 << 20, model: str | None = None) -> SqliteStore:
         """Open (creating it and its parent directories) the database at `path`; ":memory:" or "" is a
-        temporary file removed at close, so that several connections can share it."""
+        temporary file removed at close, so that several connections can share it. With `model`, a file whose
+        vectors another model made is refused."""
         return await asyncio.to_thread(cls.open_sync, path, dimension, dedupe_similarity, busy_timeout,
-                                       readers, cache_bytes)
+                                       readers, cache_bytes, model)
 
     @classmethod
     def open_sync(cls, path: str, dimension: int, dedupe_similarity: float, busy_timeout: float, readers: int,
-                  cache_bytes: int) -> SqliteStore:
+                  cache_bytes: int, model: str | None = None) -> SqliteStore:
         temp_dir = tempfile.mkdtemp(prefix="memory-proxy-") if path in ("", ":memory:") else None
         file = str(Path(temp_dir) / "memory.db") if temp_dir else path
         conns: list[sqlite3.Connection] = []
         try:
             Path(file).parent.mkdir(parents=True, exist_ok=True)
             conns.append(connect(file, busy_timeout, writer=True))
-            migrate(conns[0], dimension)
+            migrate(conns[0], dimension, model)
             conns += [connect(file, busy_timeout, writer=False) for _ in range(max(1, readers))]
         except (db.Error, OSError, StoreError) as exc:
             for conn in conns:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 
 from proxy.errors import StoreError
 from proxy.models import Memory
+from proxy.store import vector_meta
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -123,8 +124,9 @@ def connect(path: str, busy_timeout: float, *, writer: bool) -> sqlite3.Connecti
     return conn
 
 
-def migrate(conn: sqlite3.Connection, dimension: int) -> None:
-    """Apply the pending numbered steps and record (or check) the vector dimension, in one transaction."""
+def migrate(conn: sqlite3.Connection, dimension: int | None, model: str | None = None) -> dict[str, str]:
+    """Apply the pending numbered steps and record (or check: proxy/store `vector_meta`) the vectors' dimension
+    and model, in one transaction; returns the meta entries. `dimension` None checks nothing (re-embedding)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -135,13 +137,11 @@ def migrate(conn: sqlite3.Connection, dimension: int) -> None:
             for statement in steps:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
-        row = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()
-        if row is None:
-            conn.execute("INSERT INTO meta (key, value) VALUES ('dimension', ?)", (str(dimension),))
-        elif int(row[0]) != dimension:
-            raise StoreError(f"this database holds {row[0]}-dimensional vectors, but the embedding model makes "
-                             f"{dimension}: use another database file or the model it was made with")
+        found = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        new = vector_meta(found, dimension, model)
+        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", new.items())
         conn.execute("COMMIT")
+        return {**found, **new}
     except BaseException:
         conn.execute("ROLLBACK")
         raise
