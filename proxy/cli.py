@@ -97,17 +97,16 @@ def preflight(settings: Settings) -> None:
     """Load what every worker will load (keys, model, store) once, before serving: a missing or broken part stops
     the start with one line (main prints the ProxyError) instead of a traceback from each worker's lifespan."""
     from proxy.auth import Gate
-    from proxy.embed import load_embedder
+    from proxy.embed import load_configured
     from proxy.store import open_store
 
     Gate.from_settings(settings)
-    embedder = load_embedder(settings.model_dir, threads=settings.embed_threads, batch_size=settings.embed_batch,
-                             cache_size=0)
+    embedder = load_configured(settings, cache_size=0)
 
     async def check_store() -> None:
         try:
             store = await open_store(settings.db, dimension=embedder.dimension,
-                                     dedupe_similarity=settings.dedupe_similarity)
+                                     dedupe_similarity=settings.dedupe_similarity, model=embedder.name)
             await store.close()
         finally:
             await embedder.close()

@@ -44,8 +44,11 @@ class Settings:
     data_dir: str = setting("", "Data directory; default $XDG_DATA_HOME/memory-proxy or ~/.local/share/memory-proxy.")
     db: str = setting("", "Memory store: a SQLite path or sqlite:///path, or a postgresql:// URL. "
                           "Default <data_dir>/memory.db.")
-    model_dir: str = setting("", "Embedding model directory (model.onnx + tokenizer.json); default: the bundled "
-                                 "all-MiniLM-L6-v2 int8.")
+    model: str = setting("use-multilingual", "Embedding model: use-multilingual (Universal Sentence Encoder "
+                                             "multilingual v3, 16 languages) or minilm-l6 (all-MiniLM-L6-v2, English); "
+                                             "changing it needs `memory-proxy reembed`.")
+    model_dir: str = setting("", "An ONNX sentence-transformers model directory (model.onnx + tokenizer.json) used "
+                                 "instead of `model`.")
     embed_threads: int = setting(1, "onnxruntime intra-op threads for the embedding model.")
     embed_batch: int = setting(32, "Most texts embedded in one model run (concurrent queries are batched).")
     embed_cache: int = setting(2048, "Recent query vectors kept in an LRU cache (0 disables it).")
@@ -201,6 +204,8 @@ def _validate(s: Settings) -> None:
     for name in ("min_similarity", "dedupe_similarity", "conversation_min_similarity"):
         if not -1.0 <= getattr(s, name) <= 1.0:
             raise ConfigError(f"setting {name!r} must be a cosine similarity between -1 and 1")
+    if s.model not in ("use-multilingual", "minilm-l6"):
+        raise ConfigError(f"model must be use-multilingual or minilm-l6 (or set model_dir), got {s.model!r}")
     if s.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
     _validate_sessions(s)

@@ -190,13 +190,12 @@ async def open_memories(settings: Settings, *, store: Store | None = None, embed
                         ready: Callable[[str], None] = lambda part: None) -> AsyncIterator[Memories]:
     """Load the model (in a thread) and open the store as the settings say, unless given; close what was opened.
     `ready(part)` is told as each part comes up. Queued writes are stored before anything closes."""
-    from proxy.embed import load_embedder
+    from proxy.embed import load_configured
     from proxy.store import open_store
 
     async with AsyncExitStack() as stack:
         if embedder is None:
-            embedder = await asyncio.to_thread(load_embedder, settings.model_dir, threads=settings.embed_threads,
-                                               batch_size=settings.embed_batch, cache_size=settings.embed_cache)
+            embedder = await asyncio.to_thread(load_configured, settings)
             stack.push_async_callback(embedder.close)
         ready("model")
         if store is None:

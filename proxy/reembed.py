@@ -167,10 +167,9 @@ async def call(target: Any, name: str, *args: Any) -> Any:
 
 async def reembed_command(settings: Settings, batch: int) -> int:
     """The CLI's `reembed`: the configured store, for the configured model, progress on stderr."""
-    from proxy.embed import load_embedder
+    from proxy.embed import load_configured
 
-    embedder = await asyncio.to_thread(load_embedder, settings.model_dir, threads=settings.embed_threads,
-                                       batch_size=settings.embed_batch, cache_size=0)
+    embedder = await asyncio.to_thread(load_configured, settings, cache_size=0)
 
     def show(done: Progress) -> None:
         print(f"\r{done}", end="", file=sys.stderr, flush=True)

@@ -103,7 +103,7 @@ def test_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     _, rows = asyncio.run(fill(path))
     assert main(["reembed", "--db", path, "--batch", "32"], environ={"HOME": str(tmp_path)}) == 0
     captured = capsys.readouterr()
-    assert f"{rows} of {rows} texts re-embedded for all-MiniLM-L6-v2-int8" in captured.out
+    assert f"{rows} of {rows} texts re-embedded for use-multilingual-v3" in captured.out
     assert f"32 of {rows}" in captured.err
     assert main(["reembed", "--db", str(tmp_path / "missing.db")], environ={"HOME": str(tmp_path)}) == 2
     assert "no SQLite memory store" in capsys.readouterr().err

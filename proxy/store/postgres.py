@@ -336,6 +336,14 @@ class PostgresStore(Engine):
             return []
         now = time.time()
         async with self.connection() as conn:
+            held = self.cache.peek(user)
+            if held is not None and held.matrix is not None:
+                # One round trip: rank with the entry this process holds, then fetch the winners together with
+                # the user's generation; only if another write came in between is it done again.
+                top = self.choose(held, query, now, k, min_score, text, fusion, profile)
+                generation, rows = await self.winners(conn, user, held, top)
+                if generation is not None and generation in (held.generation, held.previous):
+                    return self.hits(held, top, rows)
             generation = await self.generation(conn, user)
             if generation is None:
                 self.cache.discard(user)  # erased by another instance: `known` asks the database again
@@ -343,13 +351,30 @@ class PostgresStore(Engine):
             entry = self.cache.get(user, generation) or await self.load(conn, user, generation, now)
             if entry.matrix is None:
                 return await self.search_in_sql(conn, user, query, k, min_score, text, fusion, profile)
-            top = choose(entry.scores(query, now), entry.updated, entry.ids, k, min_score, text=text,
-                         lexicon=entry.lexicon, fusion=fusion, profile=entry.profile(now, profile))
-            if not top:
-                return []
-            wanted = [str(entry.ids[row]) for row, _ in top]
-            rows = await self.fetch(conn, f'SELECT {COLUMNS} FROM memories WHERE "user" = %s AND id = ANY(%s)',
-                                    (user, wanted))
+            top = self.choose(entry, query, now, k, min_score, text, fusion, profile)
+            _, rows = await self.winners(conn, user, entry, top)
+        return self.hits(entry, top, rows)
+
+    @staticmethod
+    def choose(entry: UserVectors, query: Floats, now: float, k: int, min_score: float, text: str, fusion: Fusion,
+               profile: int) -> builtins.list[tuple[int, float]]:
+        return choose(entry.scores(query, now), entry.updated, entry.ids, k, min_score, text=text,
+                      lexicon=entry.lexicon, fusion=fusion, profile=entry.profile(now, profile))
+
+    async def winners(self, conn: Conn, user: str, entry: UserVectors, top: builtins.list[tuple[int, float]]
+                      ) -> tuple[int | None, builtins.list[tuple[Any, ...]]]:
+        """The user's generation and the rows of the ranked memories, in one statement (one snapshot)."""
+        wanted = [str(entry.ids[row]) for row, _ in top]
+        rows = await self.fetch(conn, f"""SELECT g.generation, {", ".join("m." + c.strip() for c in COLUMNS.split(","))}
+            FROM memory_users g LEFT JOIN memories m ON m."user" = g."user" AND m.id = ANY(%(ids)s)
+            WHERE g."user" = %(user)s""", {"user": user, "ids": wanted})
+        if not rows:
+            return None, []
+        return int(rows[0][0]), [row[1:] for row in rows if row[1] is not None]
+
+    @staticmethod
+    def hits(entry: UserVectors, top: builtins.list[tuple[int, float]], rows: builtins.list[tuple[Any, ...]]
+             ) -> builtins.list[Hit]:
         memories = {memory.id: memory for memory in map(to_memory, rows)}
         return [Hit(memories[str(entry.ids[row])], score) for row, score in top if str(entry.ids[row]) in memories]
 

@@ -151,6 +151,11 @@ class VectorCache:
             self.entries.move_to_end(user)
             return entry
 
+    def peek(self, user: str) -> UserVectors | None:
+        """The user's entry whatever its generation (the caller checks it against the store's afterwards)."""
+        with self.lock:
+            return self.entries.get(user)
+
     def put(self, user: str, entry: UserVectors) -> None:
         with self.lock:
             held = self.entries.get(user)
