@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -111,9 +112,12 @@ def seeded_users(proxy: Server, counts: list[int], report: Report) -> dict[int, 
     return users
 
 
+NEW_USERS = itertools.count()
+
+
 def user_for(n: int, user: str) -> Callable[[int], str]:
-    # 0 memories: a new user each time, so none has any, while the answer's block is still stored.
-    return (lambda i: f"bench-new-{i}") if n == 0 else (lambda i: user)
+    # 0 memories: a new user each time, never one an earlier row made (the answer's block is stored for it).
+    return (lambda i: f"bench-new-{next(NEW_USERS)}") if n == 0 else (lambda i: user)
 
 
 def latency_part(args: argparse.Namespace, up: str, proxy: Server, users: dict[int, str] | None,

@@ -32,7 +32,7 @@ from bench.qualityset import load
 from proxy.config import Settings
 from proxy.embed import Embedder
 from proxy.models import NewMemory
-from proxy.search import DENSE, Fusion, Lexicon, fuse, joined, mixed, reciprocal_rank, terms
+from proxy.search import DENSE, Fusion, Lexicon, fuse, hybrid, joined, mixed, reciprocal_rank, terms
 from proxy.search import question as search_question
 from proxy.store import Store, open_store
 
@@ -186,6 +186,35 @@ def in_process(users: list[dict[str, Any]], embedded: dict[str, Any],
     return scores
 
 
+OFF_TOPIC = ["What's the weather like on Mars?", "Write a haiku about autumn.", "How do I reverse a list in Python?",
+             "Explain quantum entanglement simply.", "What is the capital of Australia?", "Tell me a joke.",
+             "Translate 'good morning' to Japanese.", "How many legs does a spider have?", "What is photosynthesis?",
+             "Summarise the plot of Hamlet.", "What's 17 times 23?", "Recommend a science fiction novel.",
+             "¿Cuál es la capital de Francia?", "Wie funktioniert ein Kühlschrank?", "Quelle heure est-il à Tokyo ?",
+             "Give me a synonym for happy."]
+THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3)
+
+
+async def thresholds(embedder: Embedder, users: list[dict[str, Any]], embedded: dict[str, Any]) -> list[list[str]]:
+    """For each min_similarity: the share of questions whose best answer still scores at or above it, and the
+    share of off-topic questions (OFF_TOPIC, asked of every user) that would still inject a memory."""
+    asked = await embedder.embed(OFF_TOPIC)
+    best, off = [], []
+    for user in users:
+        replaced = {m["replaces"] for m in user["memories"] if m["replaces"]}
+        live = [n for n, m in enumerate(user["memories"]) if m["key"] not in replaced]
+        keys = [user["memories"][n]["key"] for n in live]
+        matrix = embedded[user["user"]]["memories"][live]
+        lexicon = Lexicon.build(user["memories"][n]["text"] for n in live)
+        for question, vector in zip(user["questions"], embedded[user["user"]]["none"], strict=True):
+            scores = hybrid((matrix @ vector).astype(np.float64), question["text"], lexicon, SHIPPED)
+            gold = {key for group in question["gold"] for key in group}
+            best.append(max(scores[i] for i, key in enumerate(keys) if key in gold))
+        off += [float(hybrid((matrix @ vector).astype(np.float64), text, lexicon, SHIPPED).max())
+                for text, vector in zip(OFF_TOPIC, asked, strict=True)]
+    return [[f"{t}", f"{np.mean(np.array(best) >= t):.3f}", f"{np.mean(np.array(off) >= t):.3f}"] for t in THRESHOLDS]
+
+
 def print_variants(title: str, scores: dict[str, dict[str, Score]]) -> None:
     """One row per variant: every set's R@5 / R@10, and R@1 / MRR over all questions."""
     names = list(next(iter(scores.values())))
@@ -277,6 +306,7 @@ async def main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     embedded = await embed_all(embedder, users)
     costs = await embedding_cost(embedder, users) if args.variants else {}
+    cuts = await thresholds(embedder, users, embedded) if args.variants else []
     await embedder.close()
     total = sum(len(u["memories"]) for u in users)
     questions = sum(len(u["questions"]) for u in users)
@@ -285,6 +315,8 @@ async def main(args: argparse.Namespace) -> None:
     if args.variants:
         print_variants("Fusion and query variants (in-process, current memories only)", in_process(users, embedded))
         print(table(["query", "embedding one question, p50 ms"], [[c, f"{ms:.2f}"] for c, ms in costs.items()]) + "\n")
+        print(table(["min_similarity", "questions whose best answer passes", "off-topic questions injecting"], cuts)
+              + "\n")
     for engine in args.engines.split(","):
         print_tables(f"Through the {engine} store", await through_store(engine, users, embedded, Settings()), True)
 

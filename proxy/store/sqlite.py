@@ -59,7 +59,7 @@ from proxy.store.sqlite_db import (
     random_generation,
     to_memory,
 )
-from proxy.store.vectors import Draft, UserVectors, VectorCache, choose, newest_first, unit
+from proxy.store.vectors import Draft, Ids, UserVectors, VectorCache, choose, newest_first, unit
 
 __all__ = ["COLUMNS", "MIGRATIONS", "SqliteStore", "db"]
 T = TypeVar("T")
@@ -357,23 +357,24 @@ class SqliteStore(Engine):
             scored = conn.execute("SELECT id, updated_at, 1.0 - vec_distance_cosine(embedding, ?), text, category "
                                   f"FROM memories WHERE user = ? AND {LIVE} ORDER BY id",
                                   (query.tobytes(), user, now)).fetchall()
-            ids, updated = [r[0] for r in scored], [r[1] for r in scored]
+            ids: Ids = [r[0] for r in scored]
+            updated = [r[1] for r in scored]
             dense = np.array([-np.inf if r[2] is None else r[2] for r in scored], dtype=np.float64)
             lexicon = Lexicon.build(r[3] for r in scored) if fusion.lexical else None
             pinned = newest_first([n for n, r in enumerate(scored) if r[4] == PROFILE], updated, ids)
             top = choose(dense, updated, ids, k, min_score, text=text, lexicon=lexicon, fusion=fusion,
                          profile=pinned[:profile])
         else:
-            ids = list(vectors.ids)
+            ids = vectors.ids
             top = choose(vectors.scores(query, now), vectors.updated, vectors.ids, k, min_score, text=text,
                          lexicon=vectors.lexicon, fusion=fusion, profile=vectors.profile(now, profile))
         if not top:
             return []
-        wanted = [ids[index] for index, _ in top]
+        wanted = [str(ids[index]) for index, _ in top]
         rows = conn.execute(f"SELECT {COLUMNS} FROM memories WHERE user = ? AND id IN "
                             f"({', '.join('?' * len(wanted))})", (user, *wanted)).fetchall()
         memories = {memory.id: memory for memory in map(to_memory, rows)}
-        return [Hit(memories[ids[index]], score) for index, score in top if ids[index] in memories]
+        return [Hit(memories[str(ids[index])], score) for index, score in top if str(ids[index]) in memories]
 
     def load(self, conn: sqlite3.Connection, user: str, generation: int, now: float) -> UserVectors:
         """Read the user's active vectors and words into a cache entry (or a marker that they are too many)."""

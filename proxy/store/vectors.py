@@ -82,7 +82,7 @@ class Rows:
     @classmethod
     def holding(cls, *parts: npt.NDArray[np.float32]) -> Rows:
         total, width = sum(len(p) for p in parts), parts[0].shape[1]
-        array = np.empty((max(64, total + total // 2), width), dtype=np.float32)  # 50% headroom
+        array = np.empty((total + max(4, total // 2), width), dtype=np.float32)  # 50% headroom, a little for few
         np.concatenate(parts, out=array[:total])
         return cls(array, total)
 
