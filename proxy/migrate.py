@@ -154,42 +154,45 @@ class PostgresEndpoint:
         await self.store.close()
 
 
-def sqlite_dimension(path: str) -> int:
-    """The vector dimension a SQLite store was made for (it must exist: a source is never created)."""
+def sqlite_dimension(path: str) -> tuple[int, str | None]:
+    """The vector dimension and model a SQLite store was made for (it must exist: a source is never created)."""
     if not Path(path).is_file():
         raise StoreError(f"no SQLite memory store at {path!r}")
     try:
         conn = db.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
         try:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         finally:
             conn.close()
     except db.Error as exc:
         raise StoreError(f"{path!r} is not a memory-proxy SQLite store ({exc})") from exc
-    if row is None:
+    if "dimension" not in meta:
         raise StoreError(f"{path!r} holds no memories yet (no vector dimension recorded)")
-    return int(row[0])
+    return int(meta["dimension"]), meta.get("model")
 
 
-async def postgres_dimension(url: str) -> int:
+async def postgres_dimension(url: str) -> tuple[int, str | None]:
+    """The vector dimension and model a PostgreSQL store was made for."""
     try:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10) as conn:
             cursor = await conn.execute("SELECT to_regclass('memory_meta') IS NOT NULL")
             found = await cursor.fetchone()
-            row = None
+            meta: dict[str, str] = {}
             if found and found[0]:
-                row = await (await conn.execute("SELECT value FROM memory_meta WHERE key = 'dimension'")).fetchone()
+                meta = dict(await (await conn.execute("SELECT key, value FROM memory_meta")).fetchall())
     except psycopg.Error as exc:
         raise describe(url, exc) from exc
-    if row is None:
+    if "dimension" not in meta:
         raise StoreError("the PostgreSQL database holds no memory-proxy store (no memory_meta table)")
-    return int(row[0])
+    return int(meta["dimension"]), meta.get("model")
 
 
-async def open_endpoint(url: str, dimension: int) -> Endpoint:
+async def open_endpoint(url: str, dimension: int, model: str | None = None) -> Endpoint:
+    """The store at `url` for vectors of `dimension` made by `model` (a new store records it; another's refuses)."""
     if is_postgres(url):
-        return PostgresEndpoint(await PostgresStore.open(url, dimension=dimension, dedupe_similarity=1.0))
-    return SqliteEndpoint(await SqliteStore.open(sqlite_path(url), dimension=dimension, dedupe_similarity=1.0))
+        return PostgresEndpoint(await PostgresStore.open(url, dimension=dimension, dedupe_similarity=1.0, model=model))
+    return SqliteEndpoint(await SqliteStore.open(sqlite_path(url), dimension=dimension, dedupe_similarity=1.0,
+                                                model=model))
 
 
 async def copy(source_url: str, target_url: str, *, batch: int = 1000,
@@ -198,12 +201,12 @@ async def copy(source_url: str, target_url: str, *, batch: int = 1000,
     if await asyncio.to_thread(same_store, source_url, target_url):
         raise ConfigError("--from and --to name the same store")
     if is_postgres(source_url):
-        dimension = await postgres_dimension(source_url)
+        dimension, model = await postgres_dimension(source_url)
     else:
-        dimension = await asyncio.to_thread(sqlite_dimension, sqlite_path(source_url))
-    source = await open_endpoint(source_url, dimension)
+        dimension, model = await asyncio.to_thread(sqlite_dimension, sqlite_path(source_url))
+    source = await open_endpoint(source_url, dimension, model)
     try:
-        target = await open_endpoint(target_url, dimension)
+        target = await open_endpoint(target_url, dimension, model)  # the vectors come along: so does their model
         try:
             copied, after = Copied(), None
             while rows := await source.export_rows(after, batch):

@@ -109,3 +109,16 @@ def test_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "no SQLite memory store" in capsys.readouterr().err
 
 
+
+
+async def test_migrate_carries_the_model_along(tmp_path: Path) -> None:
+    from proxy.migrate import copy
+
+    source, target = str(tmp_path / "source.db"), str(tmp_path / "target.db")
+    await fill(source)
+    copied = await copy(source, target)
+    assert copied.read == copied.written > 50
+    with pytest.raises(StoreError, match="hash-64"):
+        await open_store(target, dimension=OLD.dimension, model="another-64-dimensional-model")
+    store = await open_store(target, dimension=OLD.dimension, model=OLD.name)
+    await store.close()
