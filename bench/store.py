@@ -31,6 +31,8 @@ import numpy.typing as npt
 import sqlite_vec
 
 from bench.harness import percentile, table
+from proxy.config import Settings
+from proxy.search import DENSE, Fusion
 from proxy.store.sqlite import SqliteStore, db
 
 DIM = 384
@@ -218,30 +220,42 @@ def int8_layout(data: Data, path: Path, count: int) -> tuple[Latency, float, flo
     return latency, disk, seconds, sum(found) / (K * len(found))
 
 
+QUESTION = "What did I say about living near the sea, in memory #{}?"  # the memories' words: hybrid's work
+
+
 async def store_latency(path: Path, data: Data, count: int) -> dict[str, Latency]:
-    """SqliteStore.search end to end (thread hop, generation check, rows fetched): warm cache, first search
-    (cache emptied before each), and with the cache off (scored in SQL, as for users too big to cache)."""
-    results: dict[str, Latency] = {"warm": {}, "first": {}, "sql": {}}
+    """SqliteStore.search end to end (thread hop, generation check, rows fetched), see `searched`."""
     store = await SqliteStore.open(str(path), dimension=DIM, dedupe_similarity=0.9)
     uncached = await SqliteStore.open(str(path), dimension=DIM, dedupe_similarity=0.9, cache_bytes=0)
     try:
-        for label, user in TARGETS.items():
-            for mode, target, evict in (("warm", store, False), ("first", store, True), ("sql", uncached, False)):
-                await target.search(user, data.queries[-1], K)
-                samples: list[float] = []
-                deadline = time.perf_counter() + 10
-                for query in data.queries[: count if mode != "first" else min(count, 30)]:
-                    if evict:
-                        target.cache.discard(user)
-                    start = time.perf_counter()
-                    await target.search(user, query, K)
-                    samples.append(time.perf_counter() - start)
-                    if len(samples) >= 5 and time.perf_counter() > deadline:
-                        break
-                results[mode][label] = samples
+        return await searched(store, uncached, data, count)
     finally:
         await store.close()
         await uncached.close()
+
+
+async def searched(store: Any, uncached: Any, data: Data, count: int) -> dict[str, Latency]:
+    """A store's search end to end: warm cache, hybrid (vectors + the question's words, proxy/search.py) and
+    vectors only; the first search (cache emptied before each); and with the cache off (scored in SQL, as for
+    users too big to cache, vectors only)."""
+    fusion = Fusion(lexical_weight=Settings().lexical_weight)
+    modes = (("warm, hybrid", store, False, fusion), ("warm, vectors only", store, False, DENSE),
+             ("first, hybrid", store, True, fusion), ("sql", uncached, False, DENSE))
+    results: dict[str, Latency] = {mode: {} for mode, *_ in modes}
+    for label, user in TARGETS.items():
+        for mode, target, evict, chosen in modes:
+            await target.search(user, data.queries[-1], K, text=QUESTION.format(0), fusion=chosen)
+            samples: list[float] = []
+            deadline = time.perf_counter() + 10
+            for n, query in enumerate(data.queries[: count if not evict else min(count, 30)]):
+                if evict:
+                    target.cache.discard(user)
+                start = time.perf_counter()
+                await target.search(user, query, K, text=QUESTION.format(n * 7919 % len(data)), fusion=chosen)
+                samples.append(time.perf_counter() - start)
+                if len(samples) >= 5 and time.perf_counter() > deadline:
+                    break
+            results[mode][label] = samples
     return results
 
 
@@ -315,8 +329,9 @@ def main() -> None:
         latencies.append(latency_row("clustered, SQL vec_distance_cosine", sql_latency(conn, scan, data, count)))
         conn.close()
         by_store = asyncio.run(store_latency(clustered, data, count))
-        latencies.append(latency_row("SqliteStore: numpy cache, warm", by_store["warm"]))
-        latencies.append(latency_row("SqliteStore: first search (loads cache)", by_store["first"]))
+        latencies.append(latency_row("SqliteStore: numpy cache, warm, hybrid", by_store["warm, hybrid"]))
+        latencies.append(latency_row("SqliteStore: numpy cache, warm, vectors only", by_store["warm, vectors only"]))
+        latencies.append(latency_row("SqliteStore: first search (loads cache), hybrid", by_store["first, hybrid"]))
         latencies.append(latency_row("SqliteStore: cache off (SQL scoring)", by_store["sql"]))
         print("clustered done", flush=True)
         latency, disk, seconds, recall = int8_layout(data, clustered, count)

@@ -32,7 +32,7 @@ import numpy as np
 import psycopg
 
 from bench.harness import percentile, table
-from bench.store import DIM, TARGETS, TEXT, Data, Floats, K, Latency, clustered_file, store_latency, timed
+from bench.store import DIM, TARGETS, TEXT, Data, Floats, K, Latency, clustered_file, searched, store_latency, timed
 from proxy.store.postgres import COLUMNS, PostgresStore, VectorDumper
 
 SERVER = {"shared_buffers": "4GB", "max_wal_size": "16GB", "checkpoint_timeout": "1h", "wal_level": "minimal",
@@ -48,9 +48,9 @@ def copy_rows(data: Data, start: int, stop: int) -> bytes:
     parts: list[bytes] = []
     for i in range(start, stop):
         user, text = data.users[i].encode(), TEXT.format(i).encode()
-        parts += [struct.pack(">hi", 11, 20), data.ids[i].encode(), struct.pack(">i", len(user)), user,
+        parts += [struct.pack(">hi", 13, 20), data.ids[i].encode(), struct.pack(">i", len(user)), user,
                   struct.pack(">i", len(text)), text, b"\x00\x00\x00\x04fact\x00\x00\x00\x04chat",
-                  struct.pack(">idid", 8, CREATED + i * 1e-3, 8, CREATED + i * 1e-3), b"\xff\xff\xff\xff" * 3,
+                  struct.pack(">idid", 8, CREATED + i * 1e-3, 8, CREATED + i * 1e-3), b"\xff\xff\xff\xff" * 5,
                   vector_head, vectors[i - start].tobytes()]
     return b"".join(parts)
 
@@ -65,6 +65,7 @@ def seed(url: str, data: Data, batch: int = 20_000) -> float:
             for start in range(0, len(data), batch):
                 copy.write(copy_rows(data, start, min(len(data), start + batch)))
             copy.write(struct.pack(">h", -1))
+        conn.execute('INSERT INTO memory_users ("user", generation) SELECT DISTINCT "user", 1 FROM memories')
         conn.execute("VACUUM (FREEZE, ANALYZE) memories")
     return time.perf_counter() - began
 
@@ -101,29 +102,19 @@ def plan(conn: psycopg.Connection[Any], query: Floats) -> str:
     return " / ".join(str(r[0]).strip() for r in rows if "Sort Key" not in str(r[0]))
 
 
-async def store_search(url: str, data: Data, count: int) -> Latency:
+async def store_search(url: str, data: Data, count: int) -> dict[str, Latency]:
+    """PostgresStore.search end to end (bench/store.py `searched`), after checking it is exact."""
     store = await PostgresStore.open(url, dimension=DIM, dedupe_similarity=0.9)
-    results: Latency = {}
+    uncached = await PostgresStore.open(url, dimension=DIM, dedupe_similarity=0.9, cache_bytes=0)
     try:
-        for label, user in TARGETS.items():
-            for query in data.queries[-6:]:
-                await store.search(user, query, K)
-            samples: list[float] = []
-            deadline = time.perf_counter() + 10
-            for query in data.queries[:count]:
-                began = time.perf_counter()
-                await store.search(user, query, K)
-                samples.append(time.perf_counter() - began)
-                if len(samples) >= 5 and time.perf_counter() > deadline:
-                    break
-            results[label] = samples
         exact = {h.memory.id for h in await store.search("big-10k", data.queries[0], K)}
         truth = np.argsort(-(data.vectors @ data.queries[0]))
         wanted = [data.ids[i] for i in truth if data.users[i] == "big-10k"][:K]
         assert exact == set(wanted), "the search is not exact"
+        return await searched(store, uncached, data, count)
     finally:
         await store.close()
-    return results
+        await uncached.close()
 
 
 def row(name: str, latency: Latency) -> list[str]:
@@ -145,8 +136,9 @@ def measure_postgres(url: str, data: Data, count: int, rows: list[list[str]], di
         disks.append(["PostgreSQL: table + primary key (user, id) (the store)",
                       f"{size(conn, 'memories', len(data)):,.0f}", f"{seconds:.0f}"])
         print("plan:", plan(conn, data.queries[0]), flush=True)
-        rows.append(row("PostgresStore.search: the user's rows via the B-tree", asyncio.run(store_search(url, data,
-                                                                                                         count))))
+        for mode, latency in asyncio.run(store_search(url, data, count)).items():
+            name = "cache off: the user's rows via the B-tree, scored in SQL" if mode == "sql" else mode
+            rows.append(row(f"PostgresStore.search, {name}", latency))
         rows.append(row("  bare SQL, ORDER BY embedding <#> q (inner product, unit vectors)",
                         sql_latency(conn, ordered_scan("<#>"), data, count)))
         rows.append(row("  bare SQL, ORDER BY embedding <=> q (cosine)",
@@ -170,9 +162,8 @@ def measure_sqlite(data: Data, count: int, rows: list[list[str]], disks: list[li
         disk, seconds = clustered_file(data, path)
         disks.append(["SQLite, clustered WITHOUT ROWID (user, id)", f"{disk:,.0f}", f"{seconds:.0f}"])
         by_store = asyncio.run(store_latency(path, data, count))
-        rows.append(row("SqliteStore.search, warm numpy cache", by_store["warm"]))
-        rows.append(row("SqliteStore.search, first (loads the cache)", by_store["first"]))
-        rows.append(row("SqliteStore.search, cache off (SQL)", by_store["sql"]))
+        for mode, latency in by_store.items():
+            rows.append(row(f"SqliteStore.search, {'cache off (SQL)' if mode == 'sql' else mode}", latency))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -15,7 +15,7 @@ from proxy import logs
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Cleaning, Memories
-from proxy.models import Memory, NewMemory, check_user_id, is_unicode
+from proxy.models import Memory, NewMemory, check_user_id, happened_at, is_unicode
 from proxy.passthrough import read_body
 from proxy.restore import parse_lines, restore, shown, with_status
 from proxy.routing import SegmentRoute
@@ -86,8 +86,12 @@ def new_memory(item: Any, *, param: str = "text", max_chars: int | None = None,
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl)
                             or ttl <= 0):
         raise BadRequest("'ttl_seconds' must be a positive number", param="ttl_seconds")
+    when = happened_at(item.get("happened_at"))
+    if item.get("happened_at") is not None and when is None:
+        raise BadRequest("'happened_at' must be an ISO 8601 date or date-time (2024, 2024-05, 2024-05-12, "
+                         "2024-05-12T18:30Z)", param="happened_at")
     cleaning = cleaning or Cleaning(max_chars or len(text))
-    return cleaning.item(NewMemory(text=text, category=category, source="api", ttl_seconds=ttl),
+    return cleaning.item(NewMemory(text=text, category=category, source="api", ttl_seconds=ttl, happened_at=when),
                          param="" if param == "text" else param)
 
 
@@ -134,7 +138,7 @@ async def search_memories(request: Request) -> Response:
         return json_response({"object": "list", "data": [c.to_dict() for c in await sessions.search(user, query, k)]})
     if kind != "memory":
         raise BadRequest("'kind' must be memory or conversation", param="kind")
-    hits = await memories.recall(user, query, k=k, min_similarity=-1.0)
+    hits = await memories.recall(user, query, k=k, min_similarity=-1.0, profile=False)
     return json_response({"object": "list", "data": [h.to_dict() for h in hits]})
 
 
@@ -163,8 +167,8 @@ async def get_memory(request: Request) -> Response:
 async def patch_memory(request: Request) -> Response:
     memories, user, memory = await _one(request)
     body = await json_body(request)
-    if not isinstance(body, dict) or not {"text", "category", "ttl_seconds"} & body.keys():
-        raise BadRequest("give at least one of 'text', 'category', 'ttl_seconds'")
+    if not isinstance(body, dict) or not {"text", "category", "ttl_seconds", "happened_at"} & body.keys():
+        raise BadRequest("give at least one of 'text', 'category', 'ttl_seconds', 'happened_at'")
     patch = new_memory({"text": memory.text, "category": memory.category, **body}, max_chars=memories.max_chars,
                        cleaning=memories.cleaning)
     text = patch.text if "text" in body else None
@@ -172,7 +176,7 @@ async def patch_memory(request: Request) -> Response:
     expires_at = time.time() + patch.ttl_seconds if "ttl_seconds" in body and patch.ttl_seconds else None
     updated = await memories.store.update(user, memory.id, text=text, vector=vector,
                                           category=patch.category if "category" in body else None,
-                                          expires_at=expires_at)
+                                          expires_at=expires_at, happened_at=patch.happened_at)
     if updated is None:
         raise NotFound(f"no memory {memory.id!r} for this user", param="id")
     return json_response(updated.to_dict())

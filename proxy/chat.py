@@ -38,7 +38,8 @@ from proxy.memories import Memories
 from proxy.models import Hit, Operation
 from proxy.passthrough import read_body, relay, upstream_path
 from proxy.plan import EXTRACTION_HEADER, plan
-from proxy.rewrite import last_user_text, rewrite
+from proxy.rewrite import rewrite
+from proxy.search import question as search_question
 from proxy.sessions import Sessions
 from proxy.sniff import Answer, read_answer
 from proxy.stream import ChatStreamFilter, filter_completion
@@ -76,7 +77,7 @@ async def chat_completions(request: Request) -> Response:
     body = await sessions.prepend(turn, body)
     decided = plan(body, settings.memory_placement, extraction=settings.extraction,
                    asked=request.headers.get(EXTRACTION_HEADER), background_models=settings.background_patterns)
-    question = last_user_text(body["messages"]) if decided.recall else ""
+    question = search_question(body["messages"]) if decided.recall else ""
     hits, fault = await recall(memories, user, question, settings.recall_budget_ms)
     excerpts = await sessions.recall(user, turn, question)
     upstream_body, aliases = rewrite(body, hits, decided, instruction=extract.INSTRUCTION,

@@ -22,6 +22,7 @@ from proxy.config import Settings
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.memories import open_memories
 from proxy.models import NewMemory, check_user_id
+from proxy.reembed import reembed_command
 from proxy.restore import parse_lines, restore, shown, with_status
 from proxy.store import Store, check_creatable, locate, stored_dimension
 from proxy.store.sessions import open_session_store
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "protocol, to try the proxy without an API key")
     demo.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000)")
     demo.set_defaults(run=run_demo_upstream)
+    reembed = commands.add_parser("reembed", help="re-embed every stored memory for the configured model "
+                                  "(stop the proxies first; resumable: run it again after an interruption)")
+    reembed.add_argument("--db", help="SQLite path or sqlite:///path, or a postgresql:// URL")
+    reembed.add_argument("--config", help="TOML settings file (model_dir names the new model)")
+    reembed.add_argument("--batch", type=int, default=256, help="texts per model run and transaction")
+    reembed.set_defaults(run=lambda args: asyncio.run(reembed_command(settings_from(args), args.batch)))
 
     memories = commands.add_parser("memories", help="read and change memories in the store directly")
     verbs = memories.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -106,20 +113,19 @@ def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> s
     embedding model's name."""
     from proxy.auth import Gate
     from proxy.egress import Egress
-    from proxy.embed import load_embedder
+    from proxy.embed import load_configured
     from proxy.store import open_store
 
     Gate.from_settings(settings)
     Egress.from_environ(os.environ if environ is None else environ, settings.upstream)
     if settings.db != config.default_db(settings.data_dir):  # the default store's directory is made for it
         check_creatable(settings.db)
-    embedder = load_embedder(settings.model_dir, threads=settings.embed_threads, batch_size=settings.embed_batch,
-                             cache_size=0)
+    embedder = load_configured(settings, cache_size=0)
 
     async def check_store() -> None:
         try:
             store = await open_store(settings.db, dimension=embedder.dimension,
-                                     dedupe_similarity=settings.dedupe_similarity)
+                                     dedupe_similarity=settings.dedupe_similarity, model=embedder.name)
             await store.close()
         finally:
             await embedder.close()
@@ -209,7 +215,7 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
             show(args, rows)
             await hint_tenants(args, store, found=bool(rows))
         elif args.verb == "search":
-            hits = await memories.recall(user, args.query, k=args.k, min_similarity=-1.0)
+            hits = await memories.recall(user, args.query, k=args.k, min_similarity=-1.0, profile=False)
             show(args, [h.to_dict() for h in hits])
             await hint_tenants(args, store, found=bool(hits))
         elif args.verb == "add":

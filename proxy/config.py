@@ -60,14 +60,24 @@ class Settings:
     data_dir: str = setting("", "Data directory; default $XDG_DATA_HOME/memory-proxy or ~/.local/share/memory-proxy.")
     db: str = setting("", "Memory store: a SQLite path or sqlite:///path, or a postgresql:// URL. "
                           "Default <data_dir>/memory.db.")
-    model_dir: str = setting("", "Embedding model directory (model.onnx + tokenizer.json); default: the bundled "
-                                 "all-MiniLM-L6-v2 int8.")
+    model: str = setting("", "Embedding model: use-multilingual (Universal Sentence Encoder multilingual v3, 16 "
+                             "languages) or minilm-l6 (all-MiniLM-L6-v2, English). Empty: the model the store's "
+                             "vectors were made with, else use-multilingual. Changing it needs `memory-proxy "
+                             "reembed`.")
+    model_dir: str = setting("", "An ONNX sentence-transformers model directory (model.onnx + tokenizer.json) used "
+                                 "instead of `model`.")
     embed_threads: int = setting(1, "onnxruntime intra-op threads for the embedding model.")
     embed_batch: int = setting(32, "Most texts embedded in one model run (concurrent queries are batched).")
     embed_cache: int = setting(2048, "Recent query vectors kept in an LRU cache (0 disables it).")
     user_header: str = setting("X-Memory-User", "Request header that names the end user (else the body's `user`).")
     recall_k: int = setting(5, "Most memories injected into one request.")
-    min_similarity: float = setting(0.15, "Least cosine similarity for recall (MiniLM scores related facts 0.15-0.5).")
+    min_similarity: float = setting(0.1, "Least score for recall: the cosine similarity, plus lexical_weight x the "
+                                         "share of the question's rare words a memory holds (README: Recall).")
+    lexical_weight: float = setting(0.5, "Weight of keyword (BM25) matches in recall's score beside the cosine "
+                                         "similarity (0: vectors only).")
+    profile_max: int = setting(5, "Most profile memories (category `profile`) injected into every request, ahead of "
+                                  "the recalled ones (0: none).")
+    profile_max_chars: int = setting(600, "Most characters of profile memories injected into one request.")
     dedupe_similarity: float = setting(0.9, "Cosine similarity at or above which a new memory updates an old one.")
     recall_budget_ms: float = setting(50.0, "Time allowed for recall; past it the request goes on without memory.")
     inject_max_chars: int = setting(2000, "Most characters of recalled memories injected into one request.")
@@ -268,6 +278,11 @@ def _validate(s: Settings) -> None:
     for name in positive:
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")
+    for name in ("profile_max", "profile_max_chars"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"setting {name!r} must not be negative")
+    if not 0.0 <= s.lexical_weight <= 2.0:
+        raise ConfigError("setting 'lexical_weight' must be between 0 and 2")
     if s.upstream_check_seconds < 0:
         raise ConfigError("setting 'upstream_check_seconds' must not be negative")
     for name in ("min_similarity", "dedupe_similarity", "conversation_min_similarity"):
@@ -281,6 +296,8 @@ def _validate(s: Settings) -> None:
     if len(s.phone_region) != 2 or not s.phone_region.isalpha() or not s.phone_region.isupper():
         raise ConfigError(f"phone_region must be a two-letter upper-case region code (ISO 3166-1), got "
                           f"{s.phone_region!r}")
+    if s.model not in ("", "use-multilingual", "minilm-l6"):
+        raise ConfigError(f"model must be use-multilingual or minilm-l6 (or set model_dir), got {s.model!r}")
     if s.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
     if s.memory_placement not in ("user", "system"):

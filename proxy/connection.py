@@ -13,6 +13,7 @@ import httptools
 import httpx
 
 RawHeaders = list[tuple[bytes, bytes]]
+JOIN_LIMIT = 64 * 1024  # bodies up to this size go out in the same write as the head
 HIGH_WATER = 256 * 1024  # buffered response bytes at which we stop reading from the upstream socket
 
 
@@ -139,9 +140,12 @@ class Connection(asyncio.Protocol):
         if self.proxy_authorization:
             head.append(b"Proxy-Authorization: %s\r\n" % self.proxy_authorization)
         head.append(b"\r\n")
-        if isinstance(request.stream, httpx.ByteStream):
+        if isinstance(request.stream, httpx.ByteStream) and len(request.content) > JOIN_LIMIT:
+            self.transport.write(b"".join(head))  # a large body is not copied once more just to join it
+            self.transport.write(request.content)
+        elif isinstance(request.stream, httpx.ByteStream):
             head.append(request.content)
-            self.transport.write(b"".join(head))
+            self.transport.write(b"".join(head))  # one write: one packet for an ordinary request
         else:
             await self._write_stream(b"".join(head), request, timeouts.get("write"))
         while not self.headers_in:

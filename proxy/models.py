@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import unicodedata
 from dataclasses import asdict, dataclass
+from datetime import date, datetime
 from typing import Any
 
 # Between tenant and user in the store's user id; a control character, so no valid id can contain it.
 TENANT_SEPARATOR = "\x1f"
+# Every memory is one of these. A category reaches the prompt, so it is never free text: see `category_of`.
+# `profile` memories are injected into every request of the user, ahead of the recalled ones (the user's name,
+# the language they want answers in, a strong allergy), within profile_max / profile_max_chars; `event` memories
+# are dated happenings (`happened_at`).
 CATEGORIES = ("fact", "preference", "context", "event", "profile")
-
-# Every memory is one of these. "profile" memories are always injected (who the user is); "event" memories are
-# dated happenings. A category reaches the prompt, so it is never free text: see `category_of`.
-CATEGORIES = ("fact", "preference", "context", "event", "profile")
+PROFILE = "profile"
 DEFAULT_CATEGORY = "fact"
 # The plural and near names models and import files use, mapped to the fixed set. "profile" is reached only by
 # its own name: it makes a memory always injected, which a stray label must not do.
@@ -64,6 +67,10 @@ class Memory:
     expires_at: float | None = None
     supersedes: str | None = None
     superseded_by: str | None = None
+    # When it happened, as the user said it (ISO 8601, as precise as said: "2024", "2024-05", "2024-05-12").
+    happened_at: str | None = None
+    # When it stopped being current: the moment a newer memory replaced it (history keeps [created_at, valid_until)).
+    valid_until: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As the API shows it: the user without the tenant namespace the store files it under."""
@@ -93,6 +100,7 @@ class NewMemory:
     source: str = "api"
     ttl_seconds: float | None = None
     replaces: str | None = None
+    happened_at: str | None = None  # ISO 8601 date or date-time, as precise as the user said it
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +114,27 @@ Operation = NewMemory | Forget
 
 
 MAX_USER_ID = 256
+PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
+
+
+def happened_at(value: Any) -> str | None:
+    """`value` as a `happened_at`: an ISO 8601 date or date-time as precise as the user said it ("2024",
+    "2024-05", "2024-05-12", "2024-05-12T18:30", with an offset or Z), normalised; None when it is none of them."""
+    if not isinstance(value, str) or not 4 <= len(value.strip()) <= 40:
+        return None
+    text: str = value.strip()
+    partial = PARTIAL_DATE.fullmatch(text)
+    if partial:
+        year, month = int(partial.group(1)), partial.group(2)
+        if year < 1 or (month is not None and not 1 <= int(month) <= 12):
+            return None
+        return text
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text).isoformat()
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).isoformat()
+    except ValueError:
+        return None
 
 
 def check_user_id(user: str, noun: str = "user id") -> str | None:

@@ -62,11 +62,15 @@ def schemas(settings: Settings) -> dict[str, Schema]:
     category = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": NOT_BLANK,
                 "description": "preference, fact, context… (stored lower-cased)"}
     ttl = {"type": ["number", "null"], "exclusiveMinimum": 0, "description": "Seconds until it expires."}
+    happened = {"type": ["string", "null"], "maxLength": 40,
+                "description": "When it happened, ISO 8601 as precise as known: 2024, 2024-05, 2024-05-12, "
+                               "2024-05-12T18:30Z (anything else is a 400)."}
     memory_fields = {"id": {"type": "string"}, "user": {"type": "string"}, "text": {"type": "string"},
                      "category": {"type": "string"}, "source": {"type": "string"},
                      "created_at": {"type": "number"}, "updated_at": {"type": "number"},
                      "expires_at": nullable("number"), "supersedes": nullable("string"),
-                     "superseded_by": nullable("string")}
+                     "superseded_by": nullable("string"), "happened_at": nullable("string"),
+                     "valid_until": nullable("number")}
     return {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {
             "type": "object", "required": ["message", "type", "param", "code"],
@@ -80,9 +84,11 @@ def schemas(settings: Settings) -> dict[str, Schema]:
         "Hit": {"allOf": [ref("Memory"), {"type": "object", "required": ["score"],
                                           "properties": {"score": {"type": "number"}}}]},
         "NewMemory": {"type": "object", "required": ["text"],
-                      "properties": {"text": text, "category": category, "ttl_seconds": ttl}},
-        "MemoryPatch": {"type": "object", "properties": {"text": text, "category": category, "ttl_seconds": ttl},
-                        "anyOf": [{"required": ["text"]}, {"required": ["category"]}, {"required": ["ttl_seconds"]}]},
+                      "properties": {"text": text, "category": category, "ttl_seconds": ttl, "happened_at": happened}},
+        "MemoryPatch": {"type": "object", "properties": {"text": text, "category": category, "ttl_seconds": ttl,
+                                                         "happened_at": happened},
+                        "anyOf": [{"required": ["text"]}, {"required": ["category"]}, {"required": ["ttl_seconds"]},
+                                  {"required": ["happened_at"]}]},
         "Session": {"type": "object", "required": ["object", "id", "user", "messages"], "properties": {
             "object": {"const": "session"}, "id": {"type": "string"}, "user": {"type": "string"},
             "created_at": {"type": "number"}, "updated_at": {"type": "number"}, "expires_at": nullable("number"),

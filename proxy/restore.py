@@ -1,11 +1,12 @@
 """Importing one user's memories as exported (`GET /memories/{user}/export`, `memory-proxy memories export`).
 
-An exported line keeps its id, dates, expiry, source and history links on import, as `memory-proxy migrate`
-does between stores: the memory comes back as it was, under the importing user, with its vector made again by
-the model. A line whose id the user already has replaces that memory only when it is newer (`updated_at`) or has
-since been superseded, so importing the same file twice changes nothing. A line without an `id` (a hand-written
-file: `{"text", "category"?, "ttl_seconds"?}`) is added like `POST /memories`: a new id, and a near-duplicate
-updates the memory it repeats. Every line is checked before anything is written: one bad line is a 400 naming
+An exported line keeps its id, dates (`happened_at` and `valid_until` too), expiry, source and history links on
+import, as `memory-proxy migrate` does between stores: the memory comes back as it was, under the importing user,
+with its vector made again by the model. A line whose id the user already has replaces that memory only when it
+is newer (`updated_at`) or has since been superseded, so importing the same file twice changes nothing. A line
+without an `id` (a hand-written file: `{"text", "category"?, "ttl_seconds"?}`) is added like `POST /memories`: a
+new id, and a near-duplicate updates the memory it repeats. Every line is checked before anything is written
+(and cleaned as every write path cleans: proxy/memories.py `Cleaning`): one bad line is a 400 naming
 it, and nothing is stored.
 """
 
@@ -22,7 +23,7 @@ import orjson
 
 from proxy.errors import BadRequest
 from proxy.memories import Cleaning, Memories, clean_text
-from proxy.models import Memory, NewMemory
+from proxy.models import Memory, NewMemory, happened_at
 
 MEMORY_ID = re.compile(r"[0-9a-f]{20}")  # proxy.models.new_id
 Status = str  # "created", "updated" or "unchanged"
@@ -85,9 +86,13 @@ def restored(item: dict[str, Any], user: str, max_chars: int, where: str, cleani
     created_at = time.time() if created_at is None else created_at
     updated_at = number("updated_at", None)
     updated_at = created_at if updated_at is None else updated_at
+    when = happened_at(item.get("happened_at"))
+    if item.get("happened_at") is not None and when is None:
+        raise fail("happened_at", "must be an ISO 8601 date or date-time")
     return Memory(memory_id, user, cleaned.text, cleaned.category,
                   text_field("source", 64) if "source" in item else "import", created_at, updated_at,
-                  number("expires_at", None), link("supersedes"), link("superseded_by"))
+                  number("expires_at", None), link("supersedes"), link("superseded_by"), when,
+                  number("valid_until", None))
 
 
 async def restore(memories: Memories, user: str, items: list[Any],

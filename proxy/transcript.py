@@ -50,9 +50,14 @@ def new_messages(messages: Sequence[Any], *, everything: bool) -> list[dict[str,
     return [message for message in kept if message is not None]
 
 
-def said(messages: Sequence[Any]) -> str:
-    """What the user said this turn: the text of the user messages after the last assistant message."""
-    return "\n".join(message_text(m) for m in new_messages(messages, everything=False) if m.get("role") == "user")
+SAID_CHARS = 8000  # what a background extraction call is shown of one turn's user text, at most (its end)
+
+
+def said(messages: Sequence[Any], limit: int = SAID_CHARS) -> str:
+    """What the user said this turn: the text of the user messages after the last assistant message, its last
+    `limit` characters (a 30 MB message costs no more than a short one)."""
+    texts = [message_text(m)[-limit:] for m in new_messages(messages, everything=False) if m.get("role") == "user"]
+    return "\n".join(texts)[-limit:]
 
 
 def answer_text(raw: bytes) -> str:

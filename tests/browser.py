@@ -2,7 +2,7 @@
 
 Nothing is downloaded: Playwright launches the system binary (`playwright install` is never run). Without it, a
 developer's run skips the page tests with a loud reason; CI (`.ci/run` installs the package and sets
-MEMORY_PROXY_REQUIRE_BROWSER=1) fails instead, so a green CI always means the page was driven.
+TESTS_REQUIRE_BROWSER=1) fails instead, so a green CI always means the page was driven.
 """
 
 from __future__ import annotations
@@ -17,21 +17,21 @@ import pytest
 from playwright.sync_api import Browser, sync_playwright
 
 CHROMIUM = os.environ.get("MEMORY_PROXY_CHROMIUM", "/usr/bin/chromium")
-REQUIRED = os.environ.get("MEMORY_PROXY_REQUIRE_BROWSER") == "1"
+REQUIRED = os.environ.get("TESTS_REQUIRE_BROWSER") == "1"
 # No network of its own (updates, safe browsing, QUIC probes, sync): the page may reach only the proxy.
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def chromium_path() -> str:
-    """The browser binary, or a skip (a failure when MEMORY_PROXY_REQUIRE_BROWSER=1) naming how to get it."""
+    """The browser binary, or a skip (a failure when TESTS_REQUIRE_BROWSER=1) naming how to get it."""
     found = CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
     if found:
         return found
     reason = (f"NO BROWSER: {CHROMIUM} not found, the inspector page is NOT tested. Install Debian's chromium "
               "(apt-get install -y chromium) or set MEMORY_PROXY_CHROMIUM to a Chromium binary.")
     if REQUIRED:
-        pytest.fail(reason + " MEMORY_PROXY_REQUIRE_BROWSER=1 makes this a failure.", pytrace=False)
+        pytest.fail(reason + " TESTS_REQUIRE_BROWSER=1 makes this a failure.", pytrace=False)
     pytest.skip(reason)
 
 

@@ -158,3 +158,22 @@ def test_users_lists_who_the_store_holds_with_a_cursor_and_a_prefix(api: str) ->
 def test_users_refuses_bad_queries(api: str, query: str) -> None:
     response = httpx.get(f"{api}/users?{query}")
     assert response.status_code == 400 and response.json()["error"]["param"] == query.split("=")[0]
+
+
+def test_when_it_happened_and_until_when_it_held(api: str) -> None:
+    [event] = add(api, "dora", {"text": "Dora ran the Lisbon half marathon", "category": "event",
+                                "happened_at": "2024-03-10"})
+    assert event["happened_at"] == "2024-03-10" and event["valid_until"] is None
+    bad = httpx.post(f"{api}/memories/dora", json={"text": "Dora moved", "happened_at": "last spring"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "happened_at"
+    patched = httpx.patch(f"{api}/memories/dora/{event['id']}", json={"happened_at": "2024-03-09T09:00Z"})
+    assert patched.status_code == 200 and patched.json()["happened_at"] == "2024-03-09T09:00:00+00:00"
+    assert patched.json()["text"] == event["text"]
+    assert httpx.patch(f"{api}/memories/dora/{event['id']}", json={"happened_at": "soon"}).status_code == 400
+
+
+def test_profile_memories_are_ranked_not_pinned_by_search(api: str) -> None:
+    add(api, "erin", {"text": "Erin's name is Erin Novak", "category": "profile"},
+        {"text": "Erin plays the cello every Sunday"})
+    found = httpx.get(f"{api}/memories/erin/search", params={"q": "cello on Sunday", "k": 1}).json()["data"]
+    assert [m["text"] for m in found] == ["Erin plays the cello every Sunday"]

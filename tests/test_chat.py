@@ -194,3 +194,40 @@ def test_upstream_errors_reach_the_client_unchanged(client: openai.OpenAI, fake:
     with pytest.raises(openai.RateLimitError) as caught:
         ask(client, "lea", "hi")
     assert caught.value.response.headers["retry-after"] == "3"
+
+
+def test_profile_memories_go_into_every_request_first(upstream: Upstream, settings_for: Callable[..., Settings],
+                                                      start_proxy: Callable[..., str], fake: FakeUpstream) -> None:
+    proxy = start_proxy(settings_for(upstream[1], min_similarity=0.3))  # a cut that keeps the cello out
+    client = openai.OpenAI(base_url=proxy + "/v1", api_key="sk-client", max_retries=0)
+    created = httpx.post(f"{proxy}/memories/pia", json=[
+        {"text": "User's name is Pia and she wants answers in German", "category": "profile"},
+        {"text": "User plays the cello on Sundays"}, {"text": "User is allergic to peanuts", "category": "profile"}])
+    assert created.status_code == 201
+    fake.reply("Sunny.")
+    ask(client, "pia", "Will it rain on Mars tomorrow?")
+    lines = sent_memories(fake).splitlines()
+    assert lines[2].startswith("Today is ")
+    assert lines[3].startswith("[m1] (profile, noted ") and "allergic to peanuts" in lines[3]  # newest profile first
+    assert lines[4].startswith("[m2] (profile, noted ") and "Pia" in lines[4]
+    assert not any("cello" in line for line in lines)  # ranked memories still need to pass the cut
+    client.close()
+
+
+def test_a_user_without_memories_costs_no_embedding(upstream: Upstream, settings_for: Callable[..., Settings],
+                                                    start_proxy: Callable[..., str]) -> None:
+    from proxy.embed import OnnxEmbedder
+
+    fake, url = upstream
+    embedder = OnnxEmbedder(cache_size=0)
+    proxy = start_proxy(settings_for(url), embedder=embedder)
+    fake.reply("Sure.")
+    with openai.OpenAI(base_url=proxy + "/v1", api_key="sk", max_retries=0) as sdk:
+        ask(sdk, "newcomer", "What is a good recipe for tonight?")
+        runs = embedder.model_runs
+        ask(sdk, "newcomer", "And one for tomorrow?")
+        assert embedder.model_runs == runs  # nothing recalled, nothing embedded
+        assert httpx.post(f"{proxy}/memories/newcomer", json={"text": "User is vegan"}).status_code == 201
+        runs = embedder.model_runs
+        ask(sdk, "newcomer", "I am vegan, what can I cook tonight?")
+        assert embedder.model_runs == runs + 1 and "User is vegan" in sent_memories(fake)

@@ -11,6 +11,7 @@ import pytest
 from proxy.cli import main
 from proxy.store import open_store
 from proxy.store.sessions import NewMessage, open_session_store
+from proxy.use import DIMENSION  # the default model's
 
 
 def run(capsys: pytest.CaptureFixture[str], db: Path, *argv: str) -> tuple[int, str]:
@@ -63,7 +64,7 @@ def test_bad_user_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture
 
 async def sessions_of(db: Path, *users: str) -> dict[str, bool]:
     """Start a session "s1" for each of `users`; returns which users have one afterwards (alice, bob)."""
-    store = await open_store(str(db), dimension=384)
+    store = await open_store(str(db), dimension=DIMENSION)
     try:
         sessions = await open_session_store(store)
         assert sessions is not None

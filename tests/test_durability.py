@@ -26,6 +26,7 @@ import httpx
 
 from proxy.models import NewMemory
 from proxy.store.sqlite import SqliteStore, db
+from proxy.use import DIMENSION  # the default model's
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITERS = 16
@@ -104,7 +105,7 @@ class Writers:
 
 async def stored(path: Path, acked: list[tuple[str, str, str]]) -> tuple[str, list[tuple[str, str, str]]]:
     """The integrity check of the file, and the acknowledged memories missing from it (or changed)."""
-    store = await SqliteStore.open(str(path), dimension=384, dedupe_similarity=0.9)
+    store = await SqliteStore.open(str(path), dimension=DIMENSION, dedupe_similarity=0.9)
     try:
         check = await store.read(lambda conn: str(conn.execute("PRAGMA integrity_check").fetchone()[0]))
         missing = [(user, mid, text) for user, mid, text in acked

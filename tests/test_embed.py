@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from proxy.embed import DATA_DIR, DEFAULT_NAME, Embedder, HashEmbedder, OnnxEmbedder, Vector, load_embedder
-from proxy.errors import ModelError
+from proxy.errors import ConfigError, ModelError
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "reference_vectors.json").read_text(encoding="utf-8"))
 TEXTS: list[str] = REFERENCE["texts"]
@@ -267,9 +267,11 @@ async def test_from_dir_and_load_embedder(tmp_path: Path, model: OnnxEmbedder) -
         np.testing.assert_allclose(await custom.embed(TEXTS[:3]), model.encode(TEXTS[:3]), atol=1e-4)
     finally:
         await custom.close()
-    default = load_embedder("", threads=1, batch_size=32, cache_size=10)
-    assert isinstance(default, OnnxEmbedder) and default.name == DEFAULT_NAME and default.cache.size == 10
-    await default.close()
+    minilm = load_embedder("", model="minilm-l6", threads=1, batch_size=32, cache_size=10)
+    assert isinstance(minilm, OnnxEmbedder) and minilm.name == DEFAULT_NAME and minilm.cache.size == 10
+    await minilm.close()
+    with pytest.raises(ConfigError, match="unknown embedding model"):
+        load_embedder("", model="word2vec")
 
 
 @pytest.mark.parametrize(("model_bytes", "tokenizer_bytes", "message"), [

@@ -200,3 +200,11 @@ def test_never_raises_on_arbitrary_json(value: object, wrapper: str) -> None:
 def test_canonical_round_trip(items: list[tuple[str, str]]) -> None:
     block = json.dumps([{"text": text, "category": category} for text, category in items], ensure_ascii=False)
     assert parse(block) == [new(text.strip(), category.lower()) for text, category in items]
+
+
+def test_the_date_of_an_event_is_kept_when_it_is_a_date() -> None:
+    ops = parse('[{"text": "User ran the Lisbon half marathon", "category": "event", "happened_at": "2024-03-10"},'
+                ' {"text": "User moved to Oslo", "date": "2023-09"},'
+                ' {"text": "User broke a wrist", "happened_at": "last month"}]')
+    assert [op.happened_at for op in ops if isinstance(op, NewMemory)] == ["2024-03-10", "2023-09", None]
+    assert "happened_at" in extract.INSTRUCTION and "profile" in extract.INSTRUCTION

@@ -215,8 +215,8 @@ def test_replaces_and_forget_resolve_short_ids_as_inline_does(
         time.sleep(0.02)
     # The fake cannot reply before it sees the ids: the first call answers nothing, so ask again.
     prompt = fake.extractions[0].json()["messages"][0]["content"]
-    lisbon = re.search(r'\[(m\d)\] \(fact\) "User lives in Lisbon"', prompt)
-    smokes = re.search(r'\[(m\d)\] \(fact\) "User smokes"', prompt)
+    lisbon = re.search(r'\[(m\d)\] \(fact, [^)]*\) "User lives in Lisbon"', prompt)
+    smokes = re.search(r'\[(m\d)\] \(fact, [^)]*\) "User smokes"', prompt)
     assert lisbon and smokes
     fake.extraction_replies.append(ops(fact("User lives in Porto", replaces=lisbon.group(1)),
                                        {"forget": smokes.group(1)}, fact("User lives in Lisbon")))

@@ -33,6 +33,7 @@ import uvicorn
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.store.sqlite import SqliteStore, db
+from proxy.use import DIMENSION  # the default model's
 from tests.fakeupstream import FakeUpstream
 from tests.servers import running
 
@@ -427,7 +428,7 @@ def chat_after_recovery(proxy: str, fake: FakeUpstream) -> None:
 def check_file(path: Path) -> None:
     """The database opens cleanly with the store's own code and passes SQLite's integrity check."""
     async def check() -> str:
-        store = await SqliteStore.open(str(path), dimension=384, dedupe_similarity=0.9)
+        store = await SqliteStore.open(str(path), dimension=DIMENSION, dedupe_similarity=0.9)
         try:
             return str(await store.read(lambda conn: conn.execute("PRAGMA integrity_check").fetchone()[0]))
         finally:
@@ -441,7 +442,7 @@ def test_database_locked_by_another_writer(upstream: tuple[FakeUpstream, str], s
     fake, url = upstream
     path = tmp_path / "memory.db"
     # The store as `serve` opens it, with a short busy timeout so the test does not wait the default 5 s.
-    store = asyncio.run(SqliteStore.open(str(path), dimension=384, dedupe_similarity=0.9, busy_timeout=0.2))
+    store = asyncio.run(SqliteStore.open(str(path), dimension=DIMENSION, dedupe_similarity=0.9, busy_timeout=0.2))
     try:
         with proxy_app(settings_for(url), store=store) as (proxy, app):
             remember_directly(proxy, "User is vegetarian")

@@ -23,10 +23,10 @@ OLD, NEW = "0190a1b2c3d4e5f60718", "0190a1b2c3d4e5f60719"
 HISTORY = [  # as exported: a fact, and the one that replaced it
     {"id": NEW, "user": "someone", "text": "Dan lives in Porto", "category": "fact", "source": "inline",
      "created_at": 1_700_000_100.5, "updated_at": 1_700_000_100.5, "expires_at": None, "supersedes": OLD,
-     "superseded_by": None},
+     "superseded_by": None, "happened_at": "2023-11", "valid_until": None},
     {"id": OLD, "user": "someone", "text": "Dan lives in Lisbon", "category": "fact", "source": "inline",
      "created_at": 1_700_000_000.25, "updated_at": 1_700_000_000.25, "expires_at": None, "supersedes": None,
-     "superseded_by": NEW},
+     "superseded_by": NEW, "happened_at": None, "valid_until": 1_700_000_100.5},
 ]
 
 
@@ -97,6 +97,8 @@ def test_lines_without_an_id_are_added_like_post(api: str) -> None:
     ({"id": NEW, "text": "x", "updated_at": -5}, "updated_at"),
     ({"id": NEW, "text": "x", "expires_at": -1}, "expires_at"),
     ({"id": NEW, "text": "x", "superseded_by": "m1"}, "superseded_by"),
+    ({"id": NEW, "text": "x", "happened_at": "last spring"}, "happened_at"),
+    ({"id": NEW, "text": "x", "valid_until": "never"}, "valid_until"),
     ({"id": NEW, "text": "my key is sk-proj-abcdefghijklmnopqrstuvwxyz"}, "text"),
     ({"id": NEW, "text": "x", "category": "the password is tulip-42"}, "category"),
     ({"text": 5}, "text"),

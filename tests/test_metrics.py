@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import metrics
 from proxy.config import Settings
 from proxy.store.sqlite import SqliteStore, db
+from proxy.use import DIMENSION
 from tests.fakeupstream import FakeUpstream, Reply
 
 Upstream = tuple[FakeUpstream, str]
@@ -199,7 +200,7 @@ def test_upstream_errors_by_kind(proxy: str, upstream: Upstream, settings_for: C
 def test_store_errors_are_counted(upstream: Upstream, settings_for: Callable[..., Settings],
                                   start_proxy: Callable[..., str], tmp_path: Path) -> None:
     path = tmp_path / "memory.db"
-    store = asyncio.run(SqliteStore.open(str(path), dimension=384, dedupe_similarity=0.9, busy_timeout=0.2))
+    store = asyncio.run(SqliteStore.open(str(path), dimension=DIMENSION, dedupe_similarity=0.9, busy_timeout=0.2))
     try:
         proxy = start_proxy(settings_for(upstream[1]), store=store)
         before = scrape(proxy)

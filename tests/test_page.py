@@ -280,7 +280,7 @@ def test_with_the_admin_token_and_a_proxy_key(demo_upstream: str, settings_for: 
 def test_without_chromium_developers_get_a_loud_skip_and_ci_a_failure(required: str, outcome: str,
                                                                       tmp_path: Path) -> None:
     env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "MEMORY_PROXY_CHROMIUM": "/nonexistent",
-           "MEMORY_PROXY_REQUIRE_BROWSER": required}
+           "TESTS_REQUIRE_BROWSER": required}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                            f"{__file__}::test_with_the_admin_token_and_a_proxy_key"],
                           cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=300)

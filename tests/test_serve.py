@@ -20,6 +20,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.use import NAME as DEFAULT_MODEL
 from tests.fakeupstream import FakeUpstream
 from tests.servers import running
 
@@ -195,7 +196,7 @@ def test_every_process_logs_the_same_json(two_workers: tuple[FakeUpstream, Serve
     assert len({frozenset(line.keys()) for line in access if line["path"] == "/healthz"}) == 1
     start = [line for line in lines if line["message"].startswith("memory-proxy: store ")]
     assert len(start) == 1 and start[0]["pid"] == server.proc.pid
-    assert start[0]["extraction"] == "auto" and start[0]["embedding_model"] == "all-MiniLM-L6-v2-int8"
+    assert start[0]["extraction"] == "auto" and start[0]["embedding_model"] == DEFAULT_MODEL
     assert start[0]["data_dir"] == str(server.tmp / ".local" / "share" / "memory-proxy")
     assert any("MEMORY_PROXY_ACESS_LOG" in line["message"] and "MEMORY_PROXY_ACCESS_LOG" in line["message"]
                and line["level"] == "WARNING" for line in lines)

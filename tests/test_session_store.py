@@ -184,6 +184,8 @@ async def test_an_existing_database_gains_the_session_tables(tmp_path: Path) -> 
     conn = db.connect(path)
     for table in ("session_messages", "conversation_chunks", "sessions"):
         conn.execute(f"DROP TABLE {table}")
+    for column in ("happened_at", "valid_until"):  # step 3 came later still
+        conn.execute(f"ALTER TABLE memories DROP COLUMN {column}")
     conn.execute("PRAGMA user_version = 1")  # as the release before sessions left it
     conn.commit()
     conn.close()
@@ -196,7 +198,7 @@ async def test_an_existing_database_gains_the_session_tables(tmp_path: Path) -> 
     finally:
         await store.close()
     conn = db.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
     conn.close()
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from proxy.errors import StoreError
 from proxy.models import TENANT_SEPARATOR, NewMemory
+from proxy.search import Fusion, Lexicon, terms
 from proxy.store import Store, open_store, successor
 from proxy.store.sqlite import MIGRATIONS, SqliteStore, db
 from tests.pgserver import postgres_databases, postgres_location, postgres_server  # noqa: F401
@@ -322,30 +323,127 @@ async def test_a_database_made_for_another_dimension_is_refused(location: str) -
     await store.close()
 
 
+async def test_hybrid_search_lifts_keyword_matches_alike_on_every_engine(store: Store) -> None:
+    """The fused score is the cosine plus lexical_weight x the share of the question's rare words a memory holds,
+    with the user's own statistics: the same number on every engine, and min_score applies to it."""
+    texts = ["likes green tea", "my sister lives in Oslo", *(f"note number {n} about bread" for n in range(20))]
+    cosines = [0.5, 0.45, *(0.1 for _ in range(20))]
+    ids = [await add_one(store, "alice", text, toward(n + 1, cosine))
+           for n, (text, cosine) in enumerate(zip(texts, cosines, strict=True))]
+    fusion = Fusion(lexical_weight=0.5)
+    question = "Where does my sister live, Oslo?"
+    share = Lexicon.build(texts).scores(terms(question), np.ones(len(texts), dtype=bool), fusion)
+    assert 0.45 + 0.5 * share[1] > 0.5 and share[0] == 0
+    hits = await store.search("alice", QUERY, k=2, text=question, fusion=fusion)
+    assert [h.memory.id for h in hits] == [ids[1], ids[0]]
+    assert [h.score for h in hits] == pytest.approx([0.45 + 0.5 * share[1], 0.5], abs=1e-5)
+    assert [h.memory.id for h in await store.search("alice", QUERY, k=2, text=question)] == [ids[0], ids[1]]
+    lifted = await store.search("alice", QUERY, k=5, min_score=0.48, text=question, fusion=fusion)
+    assert [h.memory.id for h in lifted] == [ids[1], ids[0]]  # 0.45 in cosine, over 0.48 with its words
+    words_only = await store.search("alice", QUERY, k=5, text=question, fusion=Fusion(1.0, dense_weight=0.0))
+    assert [h.memory.id for h in words_only] == [ids[1]]
+
+
+async def test_keyword_statistics_are_the_users_own(store: Store) -> None:
+    """Another user's memories never move this user's keyword scores (FTS5's bm25() would: its statistics span
+    the whole table)."""
+    await add_one(store, "alice", "my sister lives in Oslo", toward(1, 0.3))
+    await add_one(store, "alice", "likes tea", toward(2, 0.3))
+    fusion = Fusion(lexical_weight=0.5)
+    before = [(h.memory.id, h.score) for h in await store.search("alice", QUERY, k=5, text="Oslo", fusion=fusion)]
+    await store.add("bob", [NewMemory(f"trip {n} to Oslo") for n in range(50)], random_units(50, seed=6))
+    after = [(h.memory.id, h.score) for h in await store.search("alice", QUERY, k=5, text="Oslo", fusion=fusion)]
+    assert [i for i, _ in after] == [i for i, _ in before]
+    assert [s for _, s in after] == pytest.approx([s for _, s in before], abs=1e-9)
+    assert before[0][1] > 0.3
+
+
+async def test_replaced_and_expired_memories_never_match_words(store: Store) -> None:
+    old = await add_one(store, "alice", "lives in Paris", toward(1, 0.5))
+    new = await add_one(store, "alice", "moved to Berlin", toward(2, 0.2), replaces=old)
+    brief = await add_one(store, "alice", "in Paris this week", toward(3, 0.2), ttl_seconds=0.2)
+    await asyncio.sleep(0.3)
+    hits = await store.search("alice", QUERY, k=5, text="Paris", fusion=Fusion(lexical_weight=0.5))
+    assert [h.memory.id for h in hits] == [new] and brief not in [h.memory.id for h in hits]
+
+
+async def test_profile_memories_lead_whatever_the_question(store: Store) -> None:
+    name = await add_one(store, "alice", "Her name is Alice", toward(1, -0.3), category="profile")
+    old = await add_one(store, "alice", "Answers in German", toward(2, 0.0), category="profile")
+    language = await add_one(store, "alice", "Answers in French", toward(3, 0.0), category="profile", replaces=old)
+    await add_one(store, "alice", "Is on call", toward(4, 0.0), category="profile", ttl_seconds=0.2)
+    tea = await add_one(store, "alice", "likes tea", toward(5, 0.9))
+    coffee = await add_one(store, "alice", "likes coffee", toward(6, 0.8))
+    await asyncio.sleep(0.3)
+    hits = await store.search("alice", QUERY, k=1, min_score=0.5, profile=5)
+    assert [h.memory.id for h in hits] == [language, name, tea]  # newest profile first, then the best other
+    assert hits[1].score == pytest.approx(-0.3, abs=1e-5)
+    assert [h.memory.id for h in await store.search("alice", QUERY, k=2, min_score=0.5, profile=1)] == [
+        language, tea, coffee]
+    assert [h.memory.id for h in await store.search("alice", QUERY, k=5, min_score=0.5)] == [tea, coffee]
+    assert [h.memory.id for h in await store.search("alice", QUERY, k=0, profile=5)] == [language, name]
+    assert await store.search("bob", QUERY, k=5, profile=5) == []
+
+
+async def test_known_users(store: Store) -> None:
+    assert not await store.known("alice")
+    await add_one(store, "alice", "likes tea", BASIS[1])
+    assert await store.known("alice") and not await store.known("bob")
+    await store.erase("alice")
+    assert not await store.known("alice")
+
+
+async def test_time_fields(store: Store) -> None:
+    [event] = await store.add("alice", [NewMemory("ran the Lisbon half marathon", category="event",
+                                                  happened_at="2024-03-10")], stack(BASIS[1]))
+    assert event.happened_at == "2024-03-10" and event.valid_until is None
+    [again] = await store.add("alice", [NewMemory("ran the Lisbon half marathon!", category="event")],
+                              stack(near(BASIS[1], 0.97, 2)))
+    assert again.id == event.id and again.happened_at == "2024-03-10"  # a restatement without a date keeps it
+    old = await add_one(store, "alice", "lives in Paris", BASIS[3])
+    before = time.time()
+    new = await add_one(store, "alice", "lives in Berlin", BASIS[4], replaces=old)
+    history = await store.get("alice", old)
+    current = await store.get("alice", new)
+    assert history is not None and current is not None
+    assert history.valid_until is not None and before <= history.valid_until <= time.time()
+    assert history.valid_until == pytest.approx(current.created_at) and current.valid_until is None
+    assert history.to_dict()["valid_until"] == history.valid_until
+
+
 # --- SQLite only ------------------------------------------------------------------------------------------------
 
 async def open_sqlite(path: Path, **options: Any) -> SqliteStore:
     return await SqliteStore.open(str(path), dimension=DIM, dedupe_similarity=DEDUPE, **options)
 
 
+async def assert_cache_and_sql_agree(cached: Any, uncached: Any) -> None:
+    """Users too big for the vector cache are scored in SQL: both paths rank alike (words, profile, ties, expiry,
+    history). `uncached` is the same store opened with cache_bytes=0."""
+    await cached.add("alice", [NewMemory(f"fact {n} about tea") for n in range(40)], random_units(40, seed=3))
+    old = await add_one(cached, "alice", "tie, older", toward(1, 0.6))
+    await add_one(cached, "alice", "tie, newer", toward(2, 0.6))
+    await add_one(cached, "alice", "replaces the tie", toward(3, 0.2), replaces=old)
+    expiring = await add_one(cached, "alice", "expires", toward(4, 0.65))
+    await cached.update("alice", expiring, expires_at=time.time() - 1)
+    await add_one(cached, "alice", "her name is Alice, fact 3", toward(5, 0.1), category="profile")
+    fusion = Fusion(lexical_weight=0.5)
+    for query in [QUERY, *random_units(4, seed=4)]:
+        for k, min_score, text, profile in ((3, -1.0, "", 0), (10, 0.1, "", 0), (100, -1.0, "", 0),
+                                            (5, -1.0, "fact 7 tie", 0), (4, 0.2, "tie older fact 3", 2),
+                                            (60, -1.0, "tea", 1)):
+            fast = await cached.search("alice", query, k, min_score, text=text, fusion=fusion, profile=profile)
+            slow = await uncached.search("alice", query, k, min_score, text=text, fusion=fusion, profile=profile)
+            assert [h.memory for h in fast] == [h.memory for h in slow]
+            assert [h.score for h in fast] == pytest.approx([h.score for h in slow], abs=1e-5)
+    assert cached.cache.entries and not uncached.cache.entries
+
+
 async def test_sqlite_cache_and_sql_scoring_agree(tmp_path: Path) -> None:
-    """Users too big for the vector cache are scored in SQL: both paths rank alike (ties, expiry, history)."""
     cached = await open_sqlite(tmp_path / "m.db")
     uncached = await open_sqlite(tmp_path / "m.db", cache_bytes=0)
     try:
-        await cached.add("alice", [NewMemory(f"fact {n}") for n in range(40)], random_units(40, seed=3))
-        old = await add_one(cached, "alice", "tie, older", toward(1, 0.6))
-        await add_one(cached, "alice", "tie, newer", toward(2, 0.6))
-        await add_one(cached, "alice", "replaces", toward(3, 0.2), replaces=old)
-        expiring = await add_one(cached, "alice", "expires", toward(4, 0.65))
-        await cached.update("alice", expiring, expires_at=time.time() - 1)
-        for query in [QUERY, *random_units(5, seed=4)]:
-            for k, min_score in ((3, -1.0), (10, 0.1), (100, -1.0)):
-                fast = await cached.search("alice", query, k, min_score)
-                slow = await uncached.search("alice", query, k, min_score)
-                assert [h.memory for h in fast] == [h.memory for h in slow]
-                assert [h.score for h in fast] == pytest.approx([h.score for h in slow], abs=1e-5)
-        assert cached.cache.entries and not uncached.cache.entries
+        await assert_cache_and_sql_agree(cached, uncached)
     finally:
         await cached.close()
         await uncached.close()
@@ -496,3 +594,28 @@ def test_successor_bounds_every_string_with_the_prefix() -> None:
         assert upper is not None
         for tail in ("", "\U0010ffff\U0010ffff", "z", "\x00"):
             assert prefix + tail < upper and (prefix + tail).encode() < upper.encode()
+
+
+async def test_sqlite_upgrade_keeps_memories_and_dates_their_history(tmp_path: Path) -> None:
+    """A file made before the time columns: replaced memories get the end of their validity from their successor."""
+    conn = db.connect(str(tmp_path / "m.db"), isolation_level=None)
+    for statement in (*MIGRATIONS[0], *MIGRATIONS[1]):
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("INSERT INTO meta (key, value) VALUES ('dimension', ?)", (str(DIM),))
+    for memory_id, text, vector, created, superseded_by in (
+            ("00000000000100000001", "lives in Paris", toward(1, 0.5), 100.0, "00000000000200000001"),
+            ("00000000000200000001", "lives in Rome", toward(2, 0.6), 200.0, None)):
+        conn.execute("INSERT INTO memories (user, id, text, category, source, created_at, updated_at, superseded_by, "
+                     "embedding) VALUES ('alice', ?, ?, 'fact', 'api', ?, ?, ?, ?)",
+                     (memory_id, text, created, created, superseded_by, vector.tobytes()))
+    conn.execute("INSERT INTO users (user, generation) VALUES ('alice', 1)")
+    conn.close()
+    store = await open_sqlite(tmp_path / "m.db")
+    try:
+        [hit] = await store.search("alice", QUERY, k=5, text="Rome", fusion=Fusion())
+        assert hit.memory.text == "lives in Rome"
+        [new, old] = await store.list("alice", include_history=True)
+        assert old.valid_until == 200.0 and new.valid_until is None and new.happened_at is None
+    finally:
+        await store.close()

@@ -70,11 +70,11 @@ def text(answer: Any) -> str:
 # --- 1. role layouts the upstream refuses --------------------------------------------------------------------
 
 LAYOUTS = [
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What should I cook tonight?"}],
-    [{"role": "user", "content": "What should I cook tonight?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Suggest a recipe for dinner"}],
+    [{"role": "user", "content": "Suggest a recipe for dinner"}],
     [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What should I cook tonight?"}],
-    [{"role": "user", "content": [{"type": "text", "text": "What should I cook tonight?"}]}],
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Suggest a recipe for dinner"}],
+    [{"role": "user", "content": [{"type": "text", "text": "Suggest a recipe for dinner"}]}],
     [{"role": "system", "content": [{"type": "text", "text": "Be nice."}]},
      {"role": "user", "content": "What should I cook?"},
      {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},

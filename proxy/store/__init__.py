@@ -7,8 +7,11 @@ Semantics shared by every engine (and proven by one test suite run against each)
 - `add` stores each NewMemory for the user; a near-duplicate (cosine >= dedupe_similarity) of an active memory
   of the same user updates that memory (text, category, updated_at, expiry) instead of adding one;
   `replaces` marks the named memory superseded (kept as history, never recalled).
-- `search` ranks only that user's active memories, inside the query itself, best first, score = cosine.
-  Among near-equal scores the newest wins.
+- `search` ranks only that user's active memories, best first. The score is the cosine similarity, plus, when
+  the question's text is given, `fusion.lexical_weight` x the share of its rare words the memory holds (BM25 over
+  that user's memories alone: proxy/search.py). Among near-equal scores the newest wins. With `profile`, up to
+  that many of the user's profile memories (most recently updated first) lead the list whatever their score.
+- `known` says whether the user has (or had) memories, in one lookup: recall skips the embedding otherwise.
 - Expired memories are never returned by search and are deleted by `purge_expired`.
 """
 
@@ -17,17 +20,43 @@ from __future__ import annotations
 import asyncio
 import builtins
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, StoreError
 from proxy.models import Hit, Memory, NewMemory, new_id
+from proxy.search import DENSE, Fusion
 
 Vector = npt.NDArray[np.float32]
+
+
+def vector_meta(found: Mapping[str, str], dimension: int | None, model: str | None = None) -> dict[str, str]:
+    """The entries a store's meta table must gain for vectors of `dimension` made by `model` (None: not checked),
+    given the entries `found`. StoreError when the store's vectors were made by another model (mixing two models'
+    vectors would make recall silently wrong) or a re-embedding is under way. `dimension` None checks nothing."""
+    if dimension is None:
+        return {}
+    if "reembed_model" in found:
+        raise StoreError(f"the memories are being re-embedded for model {found['reembed_model']!r}: finish it "
+                         "with `memory-proxy reembed` before serving")
+    new = {}
+    if "dimension" not in found:
+        new["dimension"] = str(dimension)
+    elif int(found["dimension"]) != dimension:
+        raise StoreError(f"this database holds {found['dimension']}-dimensional vectors, but the embedding model "
+                         f"makes {dimension}: use the model it was made with ({found.get('model', 'unrecorded')}), "
+                         "or re-embed it for this one with `memory-proxy reembed`")
+    if model:
+        if "model" not in found:
+            new["model"] = model
+        elif found["model"] != model:
+            raise StoreError(f"this database's vectors were made by model {found['model']!r}, not {model!r}: use "
+                             "that model, or re-embed the memories for this one with `memory-proxy reembed`")
+    return new
 
 
 class Engine:
@@ -63,8 +92,13 @@ class Store(Protocol):
     async def add(self, user: str, items: Sequence[NewMemory], vectors: Vector) -> list[Memory]:
         """Write memories (rows of `vectors` match `items`); returns each stored or updated memory."""
 
-    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0) -> list[Hit]:
-        """The user's top-k active memories by cosine similarity, at least `min_score`."""
+    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0, *, text: str = "",
+                     fusion: Fusion = DENSE, profile: int = 0) -> list[Hit]:
+        """Up to `profile` profile memories, then the user's top-k other active memories by score (cosine, plus
+        the keyword share of `text` weighted by `fusion`), at least `min_score`."""
+
+    async def known(self, user: str) -> bool:
+        """Whether the user has or had memories (False: a search would find nothing)."""
 
     async def get(self, user: str, memory_id: str) -> Memory | None: ...
 
@@ -73,7 +107,9 @@ class Store(Protocol):
         """Newest first; `before` is a memory id (the cursor); superseded memories only with include_history."""
 
     async def update(self, user: str, memory_id: str, *, text: str | None = None, category: str | None = None,
-                     vector: Vector | None = None, expires_at: float | None = None) -> Memory | None: ...
+                     vector: Vector | None = None, expires_at: float | None = None,
+                     happened_at: str | None = None) -> Memory | None:
+        """Change what is given (None: unchanged) of a live memory; None when there is no such memory."""
 
     async def forget(self, user: str, memory_id: str) -> bool: ...
 
@@ -134,17 +170,23 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-async def stored_dimension(url: str) -> int:
-    """The vector dimension of the store at `url`, which must exist already; StoreError naming the location
-    when there is none. Never creates anything: for commands that only read."""
+async def stored_vectors(url: str) -> tuple[int, str | None]:
+    """The vector dimension of the store at `url`, and the model that made its vectors (None when unrecorded);
+    the store must exist already: StoreError naming the location when there is none. Never creates anything:
+    for commands that only read."""
     kind, target = locate(url)
     if kind == "postgresql":
-        from proxy.store.postgres import stored_dimension as postgres_dimension
+        from proxy.store.postgres_db import stored_vectors as postgres_vectors
 
-        return await postgres_dimension(target)
-    from proxy.store.sqlite import stored_dimension as sqlite_dimension
+        return await postgres_vectors(target)
+    from proxy.store.sqlite_db import stored_vectors as sqlite_vectors
 
-    return await asyncio.to_thread(sqlite_dimension, target)
+    return await asyncio.to_thread(sqlite_vectors, target)
+
+
+async def stored_dimension(url: str) -> int:
+    """The vector dimension of the store at `url` (see `stored_vectors`)."""
+    return (await stored_vectors(url))[0]
 
 
 def check_creatable(url: str) -> None:
@@ -158,13 +200,14 @@ def check_creatable(url: str) -> None:
                               "exist")
 
 
-async def open_store(url: str, *, dimension: int, dedupe_similarity: float = 0.9) -> Store:
-    """Open (creating it if need be) the store `url` names (see `locate`)."""
+async def open_store(url: str, *, dimension: int, dedupe_similarity: float = 0.9, model: str | None = None) -> Store:
+    """Open (creating it if need be) the store `url` names (see `locate`). With `model`, a store whose vectors
+    another model made is refused (see `vector_meta`)."""
     kind, target = locate(url)
     if kind == "postgresql":
         from proxy.store.postgres import PostgresStore
 
-        return await PostgresStore.open(target, dimension=dimension, dedupe_similarity=dedupe_similarity)
+        return await PostgresStore.open(target, dimension=dimension, dedupe_similarity=dedupe_similarity, model=model)
     from proxy.store.sqlite import SqliteStore
 
-    return await SqliteStore.open(target, dimension=dimension, dedupe_similarity=dedupe_similarity)
+    return await SqliteStore.open(target, dimension=dimension, dedupe_similarity=dedupe_similarity, model=model)

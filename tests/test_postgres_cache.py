@@ -1,0 +1,117 @@
+"""The PostgreSQL engine's per-instance cache (users' vectors and words in memory, kept coherent by a per-user
+generation that every write bumps) and the schema step that brought it, against a real PostgreSQL + pgvector."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from proxy.models import NewMemory
+from proxy.search import Fusion
+from proxy.store.postgres import MIGRATIONS, PostgresStore
+from proxy.store.postgres_db import VectorDumper
+from tests.pgserver import postgres_databases, postgres_location, postgres_server
+from tests.test_store import DEDUPE, DIM, QUERY, assert_cache_and_sql_agree, near, stack, toward
+
+FIXTURES = (postgres_server, postgres_databases, postgres_location)
+
+
+async def open_pg(url: str, **options: Any) -> PostgresStore:
+    return await PostgresStore.open(url, dimension=DIM, dedupe_similarity=DEDUPE, **options)
+
+
+async def one(store: PostgresStore, user: str, text: str, vector: Any, **fields: Any) -> str:
+    [memory] = await store.add(user, [NewMemory(text, **fields)], stack(vector))
+    return memory.id
+
+
+async def test_cache_and_sql_scoring_agree(postgres_location: str) -> None:
+    cached, uncached = await open_pg(postgres_location), await open_pg(postgres_location, cache_bytes=0)
+    try:
+        await assert_cache_and_sql_agree(cached, uncached)
+    finally:
+        await cached.close()
+        await uncached.close()
+
+
+async def test_own_writes_keep_the_cache_warm_and_exact(postgres_location: str) -> None:
+    """A write edits this instance's entry instead of dropping it, so the next recall loads nothing; what it answers
+    equals a cold load, through adds, dedupe, replacement and expiry."""
+    store, cold = await open_pg(postgres_location), await open_pg(postgres_location)
+    loads = 0
+    original = store.load
+
+    async def counting_load(*args: Any) -> Any:
+        nonlocal loads
+        loads += 1
+        return await original(*args)
+
+    store.load = counting_load  # type: ignore[method-assign]
+    try:
+        first = await one(store, "alice", "likes tea", toward(1, 0.5))
+        await store.search("alice", QUERY, k=5)
+        after_first = loads
+        assert await one(store, "alice", "likes tea a lot", near(toward(1, 0.5), 0.95, 3)) == first
+        second = await one(store, "alice", "likes coffee", toward(2, 0.9))
+        third = await one(store, "alice", "drinks coffee now", toward(4, 0.8), replaces=second)
+        await one(store, "alice", "is in Rome this week", toward(5, 0.7), ttl_seconds=0.05)
+        await asyncio.sleep(0.1)
+        fusion = Fusion(lexical_weight=0.5)
+        warm = [(h.memory.id, round(h.score, 5)) for h in await store.search("alice", QUERY, k=10, text="coffee",
+                                                                                fusion=fusion)]
+        assert loads == after_first
+        assert warm == [(h.memory.id, round(h.score, 5))
+                        for h in await cold.search("alice", QUERY, k=10, text="coffee", fusion=fusion)]
+        assert [memory_id for memory_id, _ in warm] == [third, first]
+    finally:
+        await store.close()
+        await cold.close()
+
+
+async def test_another_instances_writes_reach_a_warm_cache(postgres_location: str) -> None:
+    reader, writer = await open_pg(postgres_location), await open_pg(postgres_location)
+    try:
+        first = await one(writer, "alice", "likes tea", toward(1, 0.5))
+        assert [h.memory.id for h in await reader.search("alice", QUERY, k=5)] == [first]
+        renamed = await writer.update("alice", first, text="likes green tea", vector=toward(1, 0.7))
+        assert renamed is not None
+        [hit] = await reader.search("alice", QUERY, k=5)
+        assert hit.memory.text == "likes green tea" and hit.score == pytest.approx(0.7, abs=1e-5)
+        second = await one(writer, "alice", "likes coffee", toward(2, 0.9), category="profile")
+        assert [h.memory.id for h in await reader.search("alice", QUERY, k=5, profile=1)] == [second, first]
+        await writer.erase("alice")
+        assert await reader.search("alice", QUERY, k=5) == []
+        assert not await reader.known("alice")
+    finally:
+        await reader.close()
+        await writer.close()
+
+
+async def test_the_upgrade_keeps_existing_memories_recallable(postgres_location: str) -> None:
+    """A database made before the per-user generation: its users get one, replaced rows get their validity end."""
+    async with await psycopg.AsyncConnection.connect(postgres_location, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE memory_schema_version (version integer PRIMARY KEY, "
+                           "applied_at timestamptz NOT NULL DEFAULT now())")
+        for statement in MIGRATIONS[0]:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO memory_schema_version (version) VALUES (1)")
+        oid = (await (await conn.execute("SELECT 'vector'::regtype::oid")).fetchone() or [0])[0]
+        conn.adapters.register_dumper(np.ndarray, type("Dumper", (VectorDumper,), {"oid": oid}))
+        for memory_id, text, vector, created, superseded_by in (
+                ("00000000000100000001", "lives in Paris", toward(1, 0.5), 100.0, "00000000000200000001"),
+                ("00000000000200000001", "lives in Rome", toward(2, 0.6), 200.0, None)):
+            await conn.execute('INSERT INTO memories (id, "user", text, category, source, created_at, updated_at, '
+                               "superseded_by, embedding) VALUES (%s, 'alice', %s, 'fact', 'api', %s, %s, %s, %b)",
+                               (memory_id, text, created, created, superseded_by, vector))
+    store = await open_pg(postgres_location)
+    try:
+        [hit] = await store.search("alice", QUERY, k=5)
+        assert hit.memory.text == "lives in Rome" and await store.known("alice")
+        [new, old] = await store.list("alice", include_history=True)
+        assert old.valid_until == 200.0 and new.valid_until is None and new.happened_at is None
+    finally:
+        await store.close()

@@ -1,0 +1,76 @@
+"""The default embedding model (proxy/use.py): Universal Sentence Encoder multilingual v3, the real weights."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from proxy import use
+from proxy.embed import load_embedder
+from proxy.errors import ModelError
+from proxy.use import UseEmbedder
+
+
+@pytest.fixture(scope="module")
+def model() -> UseEmbedder:
+    return UseEmbedder(cache_size=0)
+
+
+def cosine(vectors: np.ndarray) -> float:  # type: ignore[type-arg]
+    return float(vectors[0] @ vectors[1])
+
+
+def test_unit_rows_of_512_and_odd_inputs(model: UseEmbedder) -> None:
+    odd = ["", " ", "\ud800 lone surrogate", "emoji 🎸", "東京が好き", "x" * 50_000]
+    vectors = model.encode(odd)
+    assert vectors.shape == (len(odd), 512) and vectors.dtype == np.float32 and model.dimension == 512
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert model.encode([]).shape == (0, 512)
+    with pytest.raises(TypeError):
+        model.encode("a string, not a list")  # type: ignore[arg-type]
+
+
+def test_huge_input_is_cut(model: UseEmbedder) -> None:
+    base = "I like to cook pasta with tomatoes and basil. " * 60
+    np.testing.assert_allclose(model.encode([base + "zebras " * 100_000]), model.encode([base + "olives"]),
+                               atol=1e-6)  # both cut at MAX_CHARS, before the tails
+
+
+def test_batches_equal_singles(model: UseEmbedder) -> None:
+    texts = ["My sister lives in Oslo.", "¿Dónde vive mi hermana?", "Ich spiele Cello.", "hi",
+             "Je suis allergique aux cacahuètes et aux fruits de mer depuis mon enfance."]
+    np.testing.assert_allclose(model.encode(texts), np.vstack([model.encode([t]) for t in texts]), atol=1e-5)
+
+
+def test_meaning_across_languages(model: UseEmbedder) -> None:
+    fact, asked_es, asked_de, other = model.encode(["I am allergic to peanuts.", "¿A qué soy alérgico?",
+                                                    "Wogegen bin ich allergisch?", "I drive a Volvo estate."])
+    assert float(fact @ asked_es) > float(other @ asked_es) + 0.1
+    assert float(fact @ asked_de) > float(other @ asked_de) + 0.1
+
+
+async def test_through_the_model_thread_with_cache() -> None:
+    embedder = load_embedder("", cache_size=16)
+    assert isinstance(embedder, UseEmbedder) and embedder.name == "use-multilingual-v3"
+    try:
+        first, second = await asyncio.gather(embedder.embed(["Where do I live?"]), embedder.embed_one("Oslo"))
+        runs = embedder.model_runs
+        again = await embedder.embed(["Where do I live?"])
+        assert embedder.model_runs == runs and embedder.cache.hits >= 1
+        np.testing.assert_allclose(again, first)
+        assert second.shape == (512,)
+    finally:
+        await embedder.close()
+    with pytest.raises(ModelError, match="closed"):
+        await embedder.embed(["too late"])
+
+
+def test_a_changed_weights_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(use.SHA256, "sp.model", "0" * 64)
+    with pytest.raises(ModelError, match="not the expected one"):
+        UseEmbedder()
+
+
