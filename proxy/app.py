@@ -14,8 +14,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import api, chat, config, health, openapi, sessions_api
+from proxy import api, chat, config, health, openapi, responses, sessions_api
 from proxy.auth import Gate
+from proxy.chains import Chains
 from proxy.config import Settings
 from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
@@ -70,6 +71,10 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         # Azure OpenAI clients: /openai/deployments/... (its classic routes), or /v1/deployments/... (base_url /v1)
         Route("/openai/deployments/{deployment}/chat/completions", chat.chat_completions, methods=["POST"]),
         Route("/v1/deployments/{deployment}/chat/completions", chat.chat_completions, methods=["POST"]),
+        Route("/v1/responses", responses.create_response, methods=["POST"]),
+        Route("/openai/responses", responses.create_response, methods=["POST"]),  # Azure OpenAI
+        Route("/openai/v1/responses", responses.create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses.retrieve_response, methods=["GET"]),
         *api.routes,
         *sessions_api.routes,
         Route("/v1/{path:path}", passthrough, methods=ALL_METHODS),
@@ -82,6 +87,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     })
     app.state.settings = settings
     app.state.gate = gate
+    app.state.chains = Chains()
     return app
 
 

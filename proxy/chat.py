@@ -24,38 +24,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import delivery, extract, transcript
-from proxy.delivery import Blocks, filtered_answer, filtered_stream, operations, recall, streamed, untouched
+from proxy.delivery import Blocks, deliver, identified, operations, parts, recall
 from proxy.errors import BadRequest
-from proxy.extraction import Exchange, Extractor
-from proxy.identity import identify
-from proxy.memories import Memories
-from proxy.passthrough import read_body, relay, upstream_path
+from proxy.extraction import Exchange
+from proxy.passthrough import relay, upstream_path
 from proxy.plan import EXTRACTION_HEADER, plan
 from proxy.rewrite import last_user_text, rewrite
-from proxy.sessions import Sessions
-from proxy.sniff import read_answer
 from proxy.stream import ChatStreamFilter, filter_completion
-from proxy.upstream import Upstream, credentials, request_headers
-
-# We re-serialise the body and read the answer decoded, so these are ours to set, not the client's.
-REWRITTEN = frozenset({b"content-length", b"accept-encoding"})
+from proxy.upstream import credentials, request_headers
 
 
 async def chat_completions(request: Request) -> Response:
-    state = request.app.state
-    settings = state.settings
-    upstream: Upstream = state.upstream
-    memories: Memories | None = getattr(state, "memories", None)
-    sessions: Sessions = state.sessions
-    extractor: Extractor | None = getattr(state, "extractor", None)
-    tenant = state.gate.client(request)
-    raw = await read_body(request, settings.max_body_bytes)
-    body = parse_request(raw, settings.max_messages)
-    user = identify(request, body, settings.user_header, state.gate, tenant)
+    settings, upstream, memories, sessions, extractor = parts(request)
+    raw, body, user = await identified(request, settings, parse_request)
     path, query = upstream_path(request), request.scope["query_string"]
     if user is None or memories is None:
         fitted = await sessions.fit(None, body)
-        content, drop = (raw, frozenset()) if fitted is body else (orjson.dumps(fitted), REWRITTEN)
+        content, drop = (raw, frozenset()) if fitted is body else (orjson.dumps(fitted), delivery.REWRITTEN)
         forwarded = await delivery.unless_client_leaves(request, upstream.send(
             "POST", path, query, request_headers(request.headers.raw, upstream.key, drop=drop), content))
         return relay(forwarded)
@@ -72,19 +57,10 @@ async def chat_completions(request: Request) -> Response:
                                      max_chars=settings.inject_max_chars, excerpts=excerpts)
     upstream_body = await sessions.fit(turn, upstream_body)
     unchanged = upstream_body is body and not (turn is not None and turn.prepended)
-    headers = request_headers(request.headers.raw, upstream.key, drop=REWRITTEN)
-    headers.append((b"accept-encoding", b"identity"))
     response = await delivery.unless_client_leaves(request, upstream.send(
-        "POST", path, query, headers, raw if unchanged else orjson.dumps(upstream_body)))
+        "POST", path, query, delivery.rewritable(request, upstream), raw if unchanged else orjson.dumps(upstream_body)))
 
-    ours = [(b"x-memory-recalled", str(len(aliases)).encode()), (b"x-memory-extraction", decided.extraction.encode())]
-    if fault:
-        ours.append((b"x-memory-error", fault.encode()))
-    if not 200 <= response.status_code < 300:  # the upstream's errors are the upstream's to say
-        relayed = relay(response)
-        relayed.raw_headers.extend(ours)
-        return relayed
-
+    ours = delivery.memory_headers(aliases, decided.extraction, fault)
     recalled = [hit for hit in hits if hit.memory.id in aliases.values()]
     background = decided.extraction == "background"
 
@@ -96,22 +72,13 @@ async def chat_completions(request: Request) -> Response:
                                       credentials(request.headers.raw)))
 
     keep = settings.filter_max_bytes if turn is not None or background else 0  # the raw answer, for the record
-    answer = await read_answer(response, settings.filter_max_bytes)
-    if not decided.inline:  # no block was asked for: the answer is the upstream's, byte for byte
-        return untouched(response, answer, remember, ours, keep_bytes=keep)
-    if answer.streamed:
-        stream = ChatStreamFilter(max_event=settings.filter_max_bytes, max_block=settings.memory_block_max_chars)
-        return streamed(filtered_stream(response, answer, remember, stream, keep_bytes=keep), response, ours)
-    return await filtered_answer(response, answer, remember, ours, filter_completion, settings.memory_block_max_chars)
+    stream = ChatStreamFilter(max_event=settings.filter_max_bytes, max_block=settings.memory_block_max_chars)
+    return await deliver(response, remember, ours, settings, inline=decided.inline, keep_bytes=keep, stream=stream,
+                         filter_body=filter_completion)
 
 
 def parse_request(body: bytes, max_messages: int) -> dict[str, Any]:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object", code="invalid_type")
+    data = delivery.json_object(body)
     if not isinstance(data.get("messages"), list):
         raise BadRequest("'messages' must be an array of message objects", param="messages", code="invalid_type")
     if len(data["messages"]) > max_messages:

@@ -1,5 +1,7 @@
 """The steps the chat and Responses pipelines share, so that both keep the same promises.
 
+    parts(request), identified(request)   the app's parts; the body read and parsed, and the end user
+    json_object(body)                     a request body that must be a JSON object (else 400)
     unless_client_leaves(request, send)   the upstream call, cancelled the moment the client hangs up
     recall(memories, user, text, budget)  the user's memories within a time budget; a fault → none, and why
     untouched(...)                        the answer exactly as it came (a stream or not)
@@ -7,6 +9,7 @@
                                           `flush()`, `.blocks`), in slices that leave the event loop free
     filtered_answer(...)                  a whole JSON answer through a body filter, or as it came when it is not
                                           the JSON the filter knows
+    deliver(...)                          one of those (or the upstream's error as it came), our headers added
     operations(blocks, ...)               what the blocks ask the store to do
 
 Each delivery calls `remember(blocks, raw answer)` once the answer is out (or the client has gone), never before:
@@ -28,15 +31,22 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from proxy import extract
-from proxy.errors import ClientGone, ProxyError, UpstreamError
+from proxy.config import Settings
+from proxy.errors import BadRequest, ClientGone, ProxyError, UpstreamError
+from proxy.extraction import Extractor
+from proxy.identity import identify
 from proxy.memories import Memories
 from proxy.models import Hit, Operation
-from proxy.sniff import Answer
-from proxy.upstream import RawHeaders, close_quietly, response_headers
+from proxy.passthrough import read_body, relay
+from proxy.sessions import Sessions
+from proxy.sniff import Answer, read_answer
+from proxy.upstream import RawHeaders, Upstream, close_quietly, request_headers, response_headers
 
 log = logging.getLogger("memory_proxy.chat")
 # We read the answer decoded and may change its length, so these are ours to set, not the upstream's.
 FILTERED = frozenset({b"content-length", b"content-encoding"})
+# We may re-serialise the body and read the answer decoded, so these are ours to set, not the client's.
+REWRITTEN = frozenset({b"content-length", b"accept-encoding"})
 Blocks = dict[int, list[str]]  # block bodies per choice (chat) or output item (Responses), in answer order
 Remember = Callable[[Blocks, bytes], None]  # the blocks, and the answer as it came
 BodyFilter = Callable[[Any, int], tuple[Any, Blocks]]  # (parsed body, max block chars) → (body, blocks)
@@ -52,6 +62,64 @@ class StreamFilter(Protocol):
     def decode(self, chunk: bytes) -> list[bytes]: ...
 
     def flush(self) -> list[bytes]: ...
+
+
+def parts(request: Request) -> tuple[Settings, Upstream, Memories | None, Sessions, Extractor | None]:
+    """What a pipeline uses of the app, as its lifespan set it up (memories: None until it has)."""
+    state = request.app.state
+    return (state.settings, state.upstream, getattr(state, "memories", None), state.sessions,
+            getattr(state, "extractor", None))
+
+
+async def identified(request: Request, settings: Settings, parse: Callable[[bytes, int], dict[str, Any]]
+                     ) -> tuple[bytes, dict[str, Any], str | None]:
+    """The request's raw body, the body `parse`d (with the most items allowed), and its end user (None: nobody
+    named; proxy/identity.py), once the caller may use the proxy at all."""
+    gate = request.app.state.gate
+    tenant = gate.client(request)
+    raw = await read_body(request, settings.max_body_bytes)
+    body = parse(raw, settings.max_messages)
+    return raw, body, identify(request, body, settings.user_header, gate, tenant)
+
+
+def rewritable(request: Request, upstream: Upstream) -> RawHeaders:
+    """The client's headers for a request whose body may change and whose answer is read decoded."""
+    headers = request_headers(request.headers.raw, upstream.key, drop=REWRITTEN)
+    headers.append((b"accept-encoding", b"identity"))
+    return headers
+
+
+def memory_headers(aliases: dict[str, str], extraction: str, fault: str | None) -> RawHeaders:
+    """x-memory-recalled (memories shown), x-memory-extraction (how the turn is learned), x-memory-error."""
+    ours = [(b"x-memory-recalled", str(len(aliases)).encode()), (b"x-memory-extraction", extraction.encode())]
+    return ours + ([(b"x-memory-error", fault.encode())] if fault else [])
+
+
+async def deliver(response: httpx.Response, remember: Remember, ours: RawHeaders, settings: Settings, *,
+                  inline: bool, keep_bytes: int, stream: StreamFilter, filter_body: BodyFilter) -> Response:
+    """The upstream's answer to the client, with our headers: an error as it came (the upstream's to say); the
+    answer untouched when no block was asked for; else through `stream` or `filter_body`."""
+    if not 200 <= response.status_code < 300:
+        relayed = relay(response)
+        relayed.raw_headers.extend(ours)
+        return relayed
+    answer = await read_answer(response, settings.filter_max_bytes)
+    if not inline:
+        return untouched(response, answer, remember, ours, keep_bytes=keep_bytes)
+    if answer.streamed:
+        return streamed(filtered_stream(response, answer, remember, stream, keep_bytes=keep_bytes), response, ours)
+    return await filtered_answer(response, answer, remember, ours, filter_body, settings.memory_block_max_chars)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; BadRequest otherwise."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object", code="invalid_type")
+    return data
 
 
 async def unless_client_leaves(request: Request, sending: Coroutine[Any, Any, httpx.Response]) -> httpx.Response:

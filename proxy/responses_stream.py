@@ -158,6 +158,25 @@ def blocks_by_item(found: dict[Key, list[str]]) -> dict[int, list[str]]:
     return blocks
 
 
+def response_id(raw: bytes) -> str | None:
+    """The id of the response a raw answer (a response object, or its stream) carries; None when none does."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        decoder = SSEDecoder()
+        for event in [*decoder.decode(raw), *decoder.flush()]:
+            try:
+                data = orjson.loads(event.data or "")
+            except orjson.JSONDecodeError:
+                continue
+            found = data.get("response", {}).get("id") if isinstance(data, dict) else None
+            if isinstance(found, str):
+                return found
+        return None
+    found = body.get("id") if isinstance(body, dict) else None
+    return found if isinstance(found, str) else None
+
+
 class _Part:
     """One output_text part being streamed: its filter, what it has let through, its pending delta."""
 

@@ -87,6 +87,8 @@ class FakeUpstream:
             Route("/openai/deployments/{deployment}/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/deployments/{deployment}/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/responses", self.responses_api.create, methods=["POST"]),
+            Route("/openai/responses", self.responses_api.create, methods=["POST"]),
+            Route("/openai/v1/responses", self.responses_api.create, methods=["POST"]),
             Route("/v1/responses/{rid}", self.responses_api.retrieve, methods=["GET"]),
             Route("/v1/slow", self.slow),
             Route("/v1/{path:path}", self.echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
