@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import api, chat, config, health, openapi, responses, sessions_api
+from proxy import api, chat, config, health, inspector, openapi, responses, sessions_api, users_api
 from proxy.auth import Gate
 from proxy.chains import Chains
 from proxy.config import Settings
@@ -77,6 +77,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         Route("/v1/responses/{response_id}", responses.retrieve_response, methods=["GET"]),
         *api.routes,
         *sessions_api.routes,
+        *users_api.routes,
+        *inspector.routes,
         Route("/v1/{path:path}", passthrough, methods=ALL_METHODS),
         Route("/openai/{path:path}", passthrough, methods=ALL_METHODS),
     ]

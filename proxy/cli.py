@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--batch", type=int, default=1000, help="rows per transaction")
     migrate.set_defaults(run=run_migrate)
 
+    demo = commands.add_parser("demo-upstream", help="run a stand-in model on 127.0.0.1 that follows the memory "
+                               "protocol, to try the proxy without an API key")
+    demo.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000)")
+    demo.set_defaults(run=run_demo_upstream)
+
     memories = commands.add_parser("memories", help="read and change memories in the store directly")
     verbs = memories.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -123,6 +128,18 @@ def run_serve(args: argparse.Namespace) -> int:
     uvicorn.run("proxy.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
                 loop="auto", lifespan="on", **server_options(settings))
+    return 0
+
+
+def run_demo_upstream(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.demo import create_demo_app
+
+    print(f"demo upstream on http://127.0.0.1:{args.port}/v1 (not a model: it recognises simple statements "
+          f"about the user); point the proxy at it: memory-proxy serve --upstream http://127.0.0.1:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_demo_app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
     return 0
 
 

@@ -24,6 +24,7 @@ from proxy.models import MAX_USER_ID
 Schema = dict[str, Any]
 # What check_user_id accepts, less what cannot be one URL path segment ("/", "." and "..").
 USER_PATTERN = r"^(?!\.\.?$)[^/\u0000-\u001f\u007f-\u009f]+$"
+ID_PART_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"  # empty, or a user id without the path's limits
 MEMORY_ID_PATTERN = r"^[0-9a-f]{20}$"  # proxy.models.new_id
 NOT_BLANK = r"\S"
 # One server-sent event: its data is a chat.completion.chunk, "[DONE]", or {"error": …} when the upstream broke off.
@@ -123,6 +124,26 @@ def memory_operation(summary: str, ok: Schema, *, status: str = "200", params: l
     return operation
 
 
+def users_operation() -> Schema:
+    """GET /users (proxy/users_api.py): guarded like the rest, but no user in the path."""
+    user = {"type": "object", "required": ["object", "id"],
+            "properties": {"object": {"const": "user"}, "id": {"type": "string"}}}
+    part = {"type": "string", "maxLength": MAX_USER_ID, "pattern": ID_PART_PATTERN}
+    listed = {"allOf": [listing(user), {"type": "object", "required": ["has_more", "last_id"], "properties": {
+        "has_more": {"type": "boolean"}, "last_id": nullable("string")}}]}
+    return {"summary": "The users the store holds memories, sessions or conversation excerpts of, in the store's "
+                       "text order (a proxy key: its tenant's; the admin token: X-Memory-Tenant's, or those of no "
+                       "tenant)",
+            "parameters": [query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST}, "At most this many"),
+                           query("after", part, "The last id of the previous page"),
+                           query("prefix", part, "Only ids that start with this")],
+            "responses": {"200": ok("The users", listed), "400": error("Malformed query"),
+                          "401": error("The admin token or a proxy key is required"),
+                          "404": error("Memory is not enabled on this proxy"),
+                          "503": error("The memory store is unavailable (locked, read-only, full)")},
+            "security": [{}, {"bearer": []}]}
+
+
 def one_session(summary: str, ok: Schema, params: list[Schema] | None = None) -> Schema:
     operation = memory_operation(summary, ok, found=True, params=params)
     operation["responses"]["404"] = error("No such session, or conversation memory is not available")
@@ -202,6 +223,7 @@ def document(settings: Settings) -> Schema:
                 "type": "object", "required": ["id", "object", "deleted"],
                 "properties": {"id": {"type": "string"}, "object": {"const": "memory.deleted"},
                                "deleted": {"const": True}}}))},
+        "/users": {"get": users_operation()},
         "/sessions/{user}": {"get": memory_operation("The user's stored conversations, newest first", ok(
             "The sessions", {"allOf": [listing(ref("Session")), {"type": "object", "required": ["has_more"]}]}),
             params=[query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST}, "At most this many"),

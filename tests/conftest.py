@@ -11,6 +11,7 @@ import pytest
 from proxy import config
 from proxy.app import create_app
 from proxy.config import Settings
+from proxy.demo import create_demo_app
 from proxy.server import server_options
 from tests.fakeupstream import FakeUpstream
 from tests.servers import running
@@ -22,6 +23,13 @@ def upstream() -> Iterator[tuple[FakeUpstream, str]]:
     fake = FakeUpstream()
     with running(fake.app) as url:
         yield fake, url + "/v1"
+
+
+@pytest.fixture
+def demo_upstream() -> Iterator[str]:
+    """The demo upstream that ships with the package (proxy/demo.py) on a real socket; its base URL (/v1)."""
+    with running(create_demo_app()) as url:
+        yield url + "/v1"
 
 
 @pytest.fixture

@@ -135,3 +135,26 @@ def test_admin_token_guards_the_api(upstream: Upstream, settings_for: Callable[.
     ok = httpx.get(f"{url}/memories/alice", headers={"authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert httpx.get(f"{url}/healthz").status_code == 200  # health stays open for orchestrators
+
+
+def users(api: str, **params: object) -> httpx.Response:
+    return httpx.get(f"{api}/users", params=params)  # type: ignore[arg-type]
+
+
+def test_users_lists_who_the_store_holds_with_a_cursor_and_a_prefix(api: str) -> None:
+    for user in ("nina", "mo", "ned", "zoe"):
+        add(api, user, {"text": f"{user} has a fact"})
+    assert [u["id"] for u in users(api).json()["data"]] == ["mo", "ned", "nina", "zoe"]
+    first = users(api, limit=2).json()
+    assert [u["id"] for u in first["data"]] == ["mo", "ned"] and first["has_more"] and first["last_id"] == "ned"
+    second = users(api, limit=2, after="ned").json()
+    assert [u["id"] for u in second["data"]] == ["nina", "zoe"] and not second["has_more"]
+    assert [u["id"] for u in users(api, prefix="n").json()["data"]] == ["ned", "nina"]
+    httpx.delete(f"{api}/memories/ned")
+    assert [u["id"] for u in users(api, prefix="n").json()["data"]] == ["nina"]  # erased: gone from the list
+
+
+@pytest.mark.parametrize("query", ["prefix=a%1Fb", "after=%00", "limit=0", "limit=1001", "prefix=" + "x" * 300])
+def test_users_refuses_bad_queries(api: str, query: str) -> None:
+    response = httpx.get(f"{api}/users?{query}")
+    assert response.status_code == 400 and response.json()["error"]["param"] == query.split("=")[0]

@@ -169,3 +169,20 @@ def test_bad_input_gets_a_clear_error_and_stores_nothing(upstream: Upstream, set
     assert huge.status_code == 400 and huge.json()["error"]["code"] == "text_too_long"
     assert httpx.get(f"{proxy}/memories/erin").json()["data"] == []  # the batch is all or nothing
     assert upstream[0].chats == []
+
+
+def test_users_of_a_tenant_are_listed_only_to_its_key_or_the_admin_naming_it(keyed: str) -> None:
+    for key, user, text in ((KEY_A, "ann", "Ann keeps bees"), (KEY_B, "bob", "Bob sails"),
+                            (KEY_B, "ann", "Ann fishes")):
+        httpx.post(f"{keyed}/memories/{user}", json={"text": text},
+                   headers={"Authorization": f"Bearer {key}"}).raise_for_status()
+
+    def ids(auth: str, **headers: str) -> Any:
+        response = httpx.get(f"{keyed}/users", headers={"Authorization": f"Bearer {auth}", **headers})
+        return [u["id"] for u in response.json()["data"]] if response.status_code == 200 else response.status_code
+
+    assert ids(KEY_A) == ["ann"] and ids(KEY_B) == ["ann", "bob"]
+    assert ids(KEY_A, **{"X-Memory-Tenant": "globex"}) == ["ann"]  # a proxy key cannot name another tenant
+    assert ids(ADMIN, **{"X-Memory-Tenant": "globex"}) == ["ann", "bob"]
+    assert ids(ADMIN) == []  # the admin token without a tenant: the users outside every tenant (none here)
+    assert ids("wrong-token") == 401 and httpx.get(f"{keyed}/users").status_code == 401

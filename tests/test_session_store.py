@@ -217,3 +217,16 @@ async def test_opening_again_keeps_the_sessions(location: str) -> None:
             assert session.last_seq == turn + 1
         finally:
             await store.close()
+
+
+async def test_users_with_only_sessions_or_chunks_are_listed(memory_store: Store, sessions: SessionStore) -> None:
+    await memory_store.add("cid", [NewMemory("likes tea")], np.stack([BASIS[0]]))
+    await sessions.append("bea", "s1", said("a"), max_messages=MANY, ttl_seconds=None)
+    await sessions.append("ann", "s1", said("a", "b"), max_messages=MANY, ttl_seconds=0.2)
+    await sessions.add_chunks("ann", "s1", [NewChunk(1, 2, "a b")], np.stack([BASIS[1]]), 2)
+    await sessions.append("dan", "s1", said("a"), max_messages=MANY, ttl_seconds=0.05)
+    await asyncio.sleep(0.25)  # ann's session expired, her chunk stays; dan had nothing else
+    assert await memory_store.users() == ["ann", "bea", "cid"]
+    assert await memory_store.users(limit=1, after="ann") == ["bea"]
+    await sessions.erase("ann")
+    assert await memory_store.users() == ["bea", "cid"]

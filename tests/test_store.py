@@ -18,8 +18,8 @@ import numpy.typing as npt
 import pytest
 
 from proxy.errors import StoreError
-from proxy.models import NewMemory
-from proxy.store import Store, open_store
+from proxy.models import TENANT_SEPARATOR, NewMemory
+from proxy.store import Store, open_store, successor
 from proxy.store.sqlite import MIGRATIONS, SqliteStore, db
 from tests.pgserver import postgres_databases, postgres_location, postgres_server  # noqa: F401
 
@@ -465,3 +465,34 @@ async def test_sqlite_own_writes_keep_the_cache_warm_and_exact(tmp_path: Path) -
     finally:
         await store.close()
         await cold.close()
+
+
+async def test_users_lists_one_namespace_in_order_with_a_cursor(store: Store) -> None:
+    acme = "acme" + TENANT_SEPARATOR
+    for number, user in enumerate(("carol", "alice", "bob", acme + "zed", acme + "amy", "acmes", "al")):
+        await add_one(store, user, f"fact {number}", BASIS[number + 1])
+        await add_one(store, user, f"more {number}", BASIS[number + 10])  # a user with two rows is listed once
+    assert await store.users() == ["acmes", "al", "alice", "bob", "carol"]  # never another tenant's users
+    assert await store.users(acme) == [acme + "amy", acme + "zed"]
+    assert await store.users("al") == ["al", "alice"] and await store.users("ali") == ["alice"]
+    assert await store.users("acme") == ["acmes"] and await store.users("zz") == []
+    assert await store.users(limit=2) == ["acmes", "al"]
+    assert await store.users(limit=2, after="al") == ["alice", "bob"]
+    assert await store.users(limit=2, after="bob") == ["carol"]
+    assert await store.users(acme, after=acme + "amy") == [acme + "zed"]
+    await store.erase("bob")
+    await add_one(store, "dora", "is in a meeting", BASIS[30], ttl_seconds=0.05)
+    await asyncio.sleep(0.1)
+    assert await store.users() == ["acmes", "al", "alice", "carol"]  # erased and expired users are gone
+
+
+def test_successor_bounds_every_string_with_the_prefix() -> None:
+    assert successor("") is None
+    assert successor("ab") == "ac" and successor("acme\x1f") == "acme "
+    assert successor("a\U0010ffff") == "b" and successor("\U0010ffff") is None
+    assert successor("\ud7ff") == "\ue000"
+    for prefix in ("al", "a\U0010ffff", "\ud7ff"):
+        upper = successor(prefix)
+        assert upper is not None
+        for tail in ("", "\U0010ffff\U0010ffff", "z", "\x00"):
+            assert prefix + tail < upper and (prefix + tail).encode() < upper.encode()

@@ -14,6 +14,7 @@ Semantics shared by every engine (and proven by one test suite run against each)
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -75,6 +76,12 @@ class Store(Protocol):
     async def erase(self, user: str) -> int:
         """Delete every memory of the user, history included; returns how many."""
 
+    async def users(self, prefix: str = "", limit: int = 100, after: str | None = None) -> builtins.list[str]:
+        """The store ids of the users it holds anything about (live memories or history, sessions, conversation
+        chunks), in the engine's text order, after the id `after` (the cursor): those starting with `prefix`,
+        and, unless `prefix` holds the tenant separator, only ids without one (a plain listing never shows
+        another tenant's users)."""
+
     async def purge_expired(self) -> int: ...
 
     async def count(self, user: str | None = None) -> int: ...
@@ -82,6 +89,19 @@ class Store(Protocol):
     async def problem(self) -> str | None: ...
 
     async def close(self) -> None: ...
+
+
+def successor(prefix: str) -> str | None:
+    """The least string greater than every string that starts with `prefix` in code point order (which is
+    UTF-8 byte order, SQLite's), or None when there is none (an empty prefix): `prefix <= s < successor`."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop()) + 1
+        if last == 0xD800:  # surrogates cannot be stored as text: step over them
+            last = 0xE000
+        if last <= 0x10FFFF:
+            return "".join(chars) + chr(last)
+    return None
 
 
 async def open_store(url: str, *, dimension: int, dedupe_similarity: float = 0.9) -> Store:

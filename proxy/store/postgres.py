@@ -43,7 +43,7 @@ from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from proxy.errors import StoreError, StoreUnavailable
-from proxy.models import Hit, Memory, NewMemory
+from proxy.models import TENANT_SEPARATOR, Hit, Memory, NewMemory
 from proxy.store import Engine, Vector
 from proxy.store.vectors import TIE, rank, unit
 
@@ -314,6 +314,24 @@ class PostgresStore(Engine):
         async with self.connection() as conn:
             rows = await self.fetch(conn, sql + " ORDER BY id DESC LIMIT %(limit)s", params)
         return [to_memory(row) for row in rows]
+
+    async def users(self, prefix: str = "", limit: int = 100, after: str | None = None) -> builtins.list[str]:
+        # The database's collation orders the ids (the primary key's order, so each table's first `limit` come
+        # off its index), and may ignore control characters: the prefix and the separator are filters, not
+        # bounds. The session tables exist once a session store has opened on this database.
+        where = '"user" > %(after)s AND starts_with("user", %(prefix)s)'
+        where += ' AND strpos("user", chr(31)) = 0' if TENANT_SEPARATOR not in prefix else ""
+        params = {"prefix": prefix, "after": after or "", "now": time.time(), "limit": max(0, limit)}
+        async with self.connection() as conn:
+            found = (await self.fetch(conn, "SELECT to_regclass('sessions'), to_regclass('conversation_chunks')",
+                                      ()))[0]
+            tables = ["memories", *(["sessions", "conversation_chunks"] if all(found) else [])]
+            parts = [f'(SELECT DISTINCT "user" FROM {table} WHERE {where}'
+                     + ("" if table == "conversation_chunks" else " AND (expires_at IS NULL OR expires_at > %(now)s)")
+                     + " ORDER BY 1 LIMIT %(limit)s)" for table in tables]
+            sql = 'SELECT "user" FROM (' + " UNION ".join(parts) + ") AS found ORDER BY 1 LIMIT %(limit)s"
+            rows = await self.fetch(conn, sql, params)
+        return [row[0] for row in rows]
 
     async def count(self, user: str | None = None) -> int:
         """Active memories (what search can return) of the user, or of everyone."""

@@ -47,8 +47,8 @@ import numpy as np
 import numpy.typing as npt
 
 from proxy.errors import StoreError, StoreUnavailable
-from proxy.models import Hit, Memory, NewMemory
-from proxy.store import Engine, Vector
+from proxy.models import TENANT_SEPARATOR, Hit, Memory, NewMemory
+from proxy.store import Engine, Vector, successor
 from proxy.store.fileid import FileIdentity
 from proxy.store.vectors import Draft, Floats, Ids, UserVectors, VectorCache, rank, unit
 
@@ -57,6 +57,8 @@ Row = tuple[Any, ...]
 PAGE_SIZE = 16384  # a memory row (~1.7 KB) must fit on its leaf page: 4 KiB pages would spill it to overflow
 COLUMNS = "id, user, text, category, source, created_at, updated_at, expires_at, supersedes, superseded_by"
 LIVE = "superseded_by IS NULL AND (expires_at IS NULL OR expires_at > ?)"
+# Where a user's data lives, and whether the table has an expiry (what has expired is no longer shown).
+USER_TABLES = (("memories", True), ("sessions", True), ("conversation_chunks", False))
 
 # Numbered schema steps; PRAGMA user_version is the number applied. Append, never edit a released step.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -488,6 +490,21 @@ class SqliteStore(Engine):
         args = (user, time.time(), *(() if before is None else (before,)), max(0, limit))
         return await self.read(lambda conn: [to_memory(row) for row in
                                              conn.execute(sql + " ORDER BY id DESC LIMIT ?", args)])
+
+    async def users(self, prefix: str = "", limit: int = 100, after: str | None = None) -> builtins.list[str]:
+        # Each table's first `limit` users come off its primary key (user, ...) in order, reading every row of
+        # the users listed; the union of those few is sorted. Binary text order lets the prefix bound the scan on
+        # both sides. One lower bound, chosen here: given two, SQLite may seek on the looser one.
+        upper = successor(prefix)
+        lower = "user > :after" if after is not None and after >= prefix else "user >= :prefix"
+        where = lower + ("" if upper is None else " AND user < :upper")
+        where += " AND instr(user, char(31)) = 0" if TENANT_SEPARATOR not in prefix else ""
+        parts = [f"SELECT * FROM (SELECT DISTINCT user FROM {table} WHERE {where}"
+                 + (" AND (expires_at IS NULL OR expires_at > :now)" if expiry else "") + " ORDER BY user LIMIT :limit)"
+                 for table, expiry in USER_TABLES]
+        sql = " UNION ".join(parts) + " ORDER BY 1 LIMIT :limit"
+        args = {"prefix": prefix, "after": after, "upper": upper, "now": time.time(), "limit": max(0, limit)}
+        return await self.read(lambda conn: [row[0] for row in conn.execute(sql, args)])
 
     async def count(self, user: str | None = None) -> int:
         """Active memories (what search can return) of the user, or of everyone."""
