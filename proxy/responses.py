@@ -74,8 +74,9 @@ async def create_response(request: Request) -> Response:
 
     def remember(blocks: Blocks, answer: bytes) -> None:
         memories.remember(user, operations(blocks, aliases, recalled, memories.max_chars))
-        made(stream.response_id or response_id(answer))
-        sessions.record(turn, answer)
+        if turn is not None:
+            made(stream.response_id or response_id(answer))
+            sessions.record(turn, answer)
         if background and extractor is not None:
             extractor.submit(Exchange(user, transcript.said(messages), transcript.answer_text(answer),
                                       str(body.get("model") or ""), credentials(request.headers.raw)))

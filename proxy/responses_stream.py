@@ -159,22 +159,29 @@ def blocks_by_item(found: dict[Key, list[str]]) -> dict[int, list[str]]:
 
 
 def response_id(raw: bytes) -> str | None:
-    """The id of the response a raw answer (a response object, or its stream) carries; None when none does."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        decoder = SSEDecoder()
-        for event in [*decoder.decode(raw), *decoder.flush()]:
+    """The id of the response a raw answer (a response object, or its stream) carries; None when none does. A
+    stream is read only up to its first event that carries the response (`response.created`, normally first)."""
+    if raw.lstrip()[:1] == b"{":
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        found = body.get("id") if isinstance(body, dict) else None
+        return found if isinstance(found, str) else None
+    decoder = SSEDecoder()
+    for start in range(0, len(raw) + 1, 16 * 1024):
+        last = start + 16 * 1024 >= len(raw)
+        for event in decoder.decode(raw[start:start + 16 * 1024]) + (decoder.flush() if last else []):
             try:
                 data = orjson.loads(event.data or "")
             except orjson.JSONDecodeError:
                 continue
-            found = data.get("response", {}).get("id") if isinstance(data, dict) else None
-            if isinstance(found, str):
-                return found
-        return None
-    found = body.get("id") if isinstance(body, dict) else None
-    return found if isinstance(found, str) else None
+            response = data.get("response") if isinstance(data, dict) else None
+            if isinstance(response, dict) and isinstance(response.get("id"), str):
+                return str(response["id"])
+        if last:
+            break
+    return None
 
 
 class _Part:

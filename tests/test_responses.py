@@ -66,6 +66,7 @@ def test_a_fact_learned_on_one_turn_is_recalled_in_a_new_conversation(serve: Ser
         assert raw.headers["x-memory-recalled"] == "0" and raw.headers["x-memory-extraction"] == "inline"
         sent = fake.responses[-1].json()
         assert sent["input"] == INSTRUCTION + "\n\nI'm vegetarian." and "instructions" not in sent
+        assert "x-memory-user" not in fake.responses[-1].headers
         assert memories(proxy, "alice", expect=1) == ["User is vegetarian §"]
 
         fake.reply(Reply(output=Output("How about a mushroom risotto?"), split_seed=seed))

@@ -20,7 +20,7 @@ from openai._types import omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import ResponseStreamEvent
 
-from proxy.responses_stream import ResponsesStreamFilter, filter_response
+from proxy.responses_stream import ResponsesStreamFilter, filter_response, response_id
 from tests.fakeresponses import Output, events, items, response, sse
 from tests.test_blocks import MARK, Answer, answers, split
 from tests.test_stream import parse_output, split_bytes
@@ -259,3 +259,11 @@ def test_a_whole_response_loses_its_blocks_and_citations_follow_the_text() -> No
     assert filtered["output"][0] is body["output"][0] and filtered["output"][2] is body["output"][2]
     assert {k: v for k, v in filtered.items() if k not in ("output", "output_text")} == {
         k: v for k, v in body.items() if k not in ("output", "output_text")}
+
+
+def test_the_response_id_of_a_raw_answer() -> None:
+    stream = sse(events(Output("Hi"), "resp_7", {"model": "m", "instructions": "x" * 40_000}))
+    assert response_id(stream) == "resp_7"
+    assert response_id(b": ping\n\n" + stream.replace(b"\n", b"\r\n")) == "resp_7"
+    assert response_id(orjson.dumps(response("resp_8", {}, [], "completed"))) == "resp_8"
+    assert response_id(b"") is None and response_id(b"{oops") is None and response_id(b"data: [DONE]\n\n") is None
