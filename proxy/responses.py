@@ -34,7 +34,8 @@ from proxy.extraction import Exchange
 from proxy.passthrough import relay, upstream_path
 from proxy.plan import EXTRACTION_HEADER
 from proxy.responses_input import newest_user_text, plan_response, rewrite_response, turn_messages
-from proxy.responses_stream import ResponsesStreamFilter, filter_response, response_id
+from proxy.responses_output import filter_response, response_id
+from proxy.responses_stream import ResponsesStreamFilter
 from proxy.upstream import Upstream, credentials, request_headers
 
 

@@ -15,7 +15,7 @@ import orjson
 
 from proxy.blocks import BlockFilter
 from proxy.context import is_system
-from proxy.responses_stream import texts
+from proxy.responses_output import texts
 from proxy.rewrite import message_text
 from proxy.sse import SSEDecoder
 from proxy.store.sessions import Message, NewChunk

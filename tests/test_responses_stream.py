@@ -20,7 +20,8 @@ from openai._types import omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import ResponseStreamEvent
 
-from proxy.responses_stream import ResponsesStreamFilter, filter_response, response_id
+from proxy.responses_output import filter_response, response_id
+from proxy.responses_stream import ResponsesStreamFilter
 from tests.fakeresponses import Output, events, items, response, sse
 from tests.test_blocks import MARK, Answer, answers, split
 from tests.test_stream import parse_output, split_bytes
