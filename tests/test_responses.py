@@ -19,6 +19,7 @@ from tests.fakeupstream import TEMPLATE_ERRORS, FakeUpstream, Recorded, Reply
 from tests.injected import MEMORIES
 from tests.test_blocks import MARK
 from tests.test_chat import memories
+from tests.test_sessions import searched
 from tests.test_transparent import remember
 
 BLOCK = '\n\n<memory>[{"text": "User is vegetarian §", "category": "preference"}]</memory>'
@@ -149,6 +150,28 @@ def test_previous_response_id_chains_are_one_conversation(serve: Serve) -> None:
         # An unknown previous response is the upstream's to refuse, and it says so as it would directly.
         with pytest.raises(openai.NotFoundError, match="Previous response with id 'resp_nope' not found"):
             client.responses.create(model="gpt-x", input="hi", previous_response_id="resp_nope", extra_headers=ALICE)
+
+
+def test_a_chain_is_one_conversation_for_recall_of_past_conversations(serve: Serve) -> None:
+    fake, _, proxy = serve(session_history="store", recall_conversations=True)
+    with sdk(proxy + "/v1") as client:
+        fake.reply("The runner image lacks OpenSSL 3: add `apt-get install -y libssl3` before the build step.")
+        ci = client.responses.create(model="gpt-x", extra_headers=ALICE, input="Our CI build fails: libssl.so.3: "
+                                     "cannot open shared object file")
+        fake.reply("Rebuild the image after that.")
+        client.responses.create(model="gpt-x", extra_headers=ALICE, input="Anything else?", previous_response_id=ci.id)
+        question = "How did we fix the missing SSL library error in the pipeline?"
+        hits = searched(proxy, "alice", question)
+        assert hits and hits[0]["session"] == ci.id and "libssl3" in hits[0]["text"]
+        fake.reply("Install libssl3, as before.")
+        client.responses.create(model="gpt-x", extra_headers=ALICE, input=question)  # another conversation
+        assert "libssl3" in memories_in(fake.responses[-1])
+        last = fake.responses_api.stored[max(fake.responses_api.stored)]["id"]
+        fake.reply("Yes.")
+        client.responses.create(model="gpt-x", extra_headers=ALICE, input=question, previous_response_id=ci.id)
+        assert memories_in(fake.responses[-1]) == ""  # its own conversation is not a past one
+        wait_for_session(proxy, "alice", ci.id, messages=6)
+        assert [s["id"] for s in httpx.get(f"{proxy}/sessions/alice").json()["data"]] == [ci.id, last]  # newest first
 
 
 def wait_for_session(proxy: str, user: str, session: str, messages: int) -> dict[str, Any]:
