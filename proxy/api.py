@@ -10,13 +10,14 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Cleaning, Memories
-from proxy.models import Memory, NewMemory, check_user_id
+from proxy.models import Memory, NewMemory, check_user_id, is_unicode
 from proxy.passthrough import read_body
+from proxy.restore import parse_lines, restore, shown, with_status
+from proxy.routing import SegmentRoute
 from proxy.sessions import Sessions
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -108,8 +109,14 @@ async def add_memories(request: Request) -> Response:
              for item in (body if isinstance(body, list) else [body])]
     if not items:
         raise BadRequest("give a memory object or a non-empty array of them")
-    stored = await memories.add(user, items)
-    return json_response({"object": "list", "data": [m.to_dict() for m in stored]}, status=201)
+    return listed_with_status(with_status(await memories.add(user, items)))
+
+
+def listed_with_status(done: list[tuple[Memory, str]]) -> Response:
+    """Each memory with what happened to it ("created", "updated", "unchanged"): 201 when any was created, else
+    200 (every item was a near-duplicate, or already there, and updated the memory it repeats)."""
+    return json_response({"object": "list", "data": shown(done)},
+                         status=201 if any(status == "created" for _, status in done) else 200)
 
 
 @guarded
@@ -129,9 +136,17 @@ async def search_memories(request: Request) -> Response:
     return json_response({"object": "list", "data": [h.to_dict() for h in hits]})
 
 
+def memory_id(request: Request) -> str:
+    """The route's memory id; one that could never have been stored is simply not found."""
+    value: str = request.path_params["id"]
+    if not is_unicode(value):
+        raise NotFound(f"no memory {value!r} for this user", param="id")
+    return value
+
+
 async def _one(request: Request) -> tuple[Memories, str, Memory]:
     memories, user = memories_of(request)
-    memory = await memories.store.get(user, request.path_params["id"])
+    memory = await memories.store.get(user, memory_id(request))
     if memory is None:
         raise NotFound(f"no memory {request.path_params['id']!r} for this user", param="id")
     return memories, user, memory
@@ -164,7 +179,7 @@ async def patch_memory(request: Request) -> Response:
 @guarded
 async def delete_memory(request: Request) -> Response:
     memories, user = memories_of(request)
-    deleted = await memories.store.forget(user, request.path_params["id"])
+    deleted = await memories.store.forget(user, memory_id(request))
     if not deleted:
         raise NotFound(f"no memory {request.path_params['id']!r} for this user", param="id")
     return json_response({"id": request.path_params["id"], "object": "memory.deleted", "deleted": True})
@@ -198,45 +213,22 @@ async def export_memories(request: Request) -> Response:
 
 @guarded
 async def import_memories(request: Request) -> Response:
-    """JSON Lines (as exported) or a JSON array; each line's text, category and expiry are added with dedupe,
-    so importing the same file twice changes nothing."""
+    """JSON Lines (as exported) or a JSON array; ids, dates and history are kept (proxy/restore.py), so importing
+    the same file twice changes nothing."""
     memories, user = memories_of(request)
     body = await read_body(request, request.app.state.settings.max_body_bytes)
-    items = []
-    for number, item in enumerate(parse_lines(body), start=1):
-        if isinstance(item, dict) and item.get("superseded_by"):
-            continue  # history stays behind: only what would be recalled comes across
-        items.append(new_memory(item, param=f"item {number}", max_chars=memories.max_chars, cleaning=memories.cleaning))
-    stored = await memories.add(user, items) if items else []
-    return json_response({"object": "list", "data": [m.to_dict() for m in stored]}, status=201)
-
-
-def parse_lines(body: bytes) -> list[Any]:
-    """A JSON array, or JSON Lines."""
-    if body.lstrip().startswith(b"["):
-        try:
-            items = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"the body is not a valid JSON array: {exc}", code="invalid_json") from None
-        return list(items)
-    items = []
-    for number, line in enumerate(body.splitlines(), start=1):
-        if line.strip():
-            try:
-                items.append(orjson.loads(line))
-            except orjson.JSONDecodeError:
-                raise BadRequest(f"line {number} is not valid JSON", code="invalid_json") from None
-    return items
+    return listed_with_status(await restore(memories, user, parse_lines(body), lambda item, where: new_memory(
+        item, param=where, max_chars=memories.max_chars, cleaning=memories.cleaning)))
 
 
 routes = [
-    Route("/memories/{user}", list_memories, methods=["GET"]),
-    Route("/memories/{user}", add_memories, methods=["POST"]),
-    Route("/memories/{user}", erase_user, methods=["DELETE"]),
-    Route("/memories/{user}/search", search_memories, methods=["GET"]),
-    Route("/memories/{user}/export", export_memories, methods=["GET"]),
-    Route("/memories/{user}/import", import_memories, methods=["POST"]),
-    Route("/memories/{user}/{id}", get_memory, methods=["GET"]),
-    Route("/memories/{user}/{id}", patch_memory, methods=["PATCH"]),
-    Route("/memories/{user}/{id}", delete_memory, methods=["DELETE"]),
+    SegmentRoute("/memories/{user}", list_memories, methods=["GET"]),
+    SegmentRoute("/memories/{user}", add_memories, methods=["POST"]),
+    SegmentRoute("/memories/{user}", erase_user, methods=["DELETE"]),
+    SegmentRoute("/memories/{user}/search", search_memories, methods=["GET"]),
+    SegmentRoute("/memories/{user}/export", export_memories, methods=["GET"]),
+    SegmentRoute("/memories/{user}/import", import_memories, methods=["POST"]),
+    SegmentRoute("/memories/{user}/{id}", get_memory, methods=["GET"]),
+    SegmentRoute("/memories/{user}/{id}", patch_memory, methods=["PATCH"]),
+    SegmentRoute("/memories/{user}/{id}", delete_memory, methods=["DELETE"]),
 ]

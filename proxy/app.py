@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
@@ -18,6 +19,7 @@ from proxy import api, chat, config, health, inspector, openapi, responses, sess
 from proxy.auth import Gate
 from proxy.chains import Chains
 from proxy.config import Settings
+from proxy.egress import Egress
 from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
 from proxy.extraction import open_extractor
@@ -34,20 +36,23 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 def create_app(settings: Settings | None = None, *, store: Store | None = None, embedder: Embedder | None = None,
-               transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+               transport: httpx.AsyncBaseTransport | None = None,
+               environ: Mapping[str, str] | None = None) -> Starlette:
     """Build the proxy. A given `store` or `embedder` is used instead of the configured one (and left open for
-    its owner to close); `transport` replaces the network to the upstream."""
-    settings = settings or config.load()
+    its owner to close); `transport` replaces the network to the upstream. `environ` (default os.environ) is
+    where the settings came from: the forward proxy and CA variables are read from it (proxy/egress.py)."""
+    environ = os.environ if environ is None else environ
+    settings = settings or config.load(environ=environ)
     gate = Gate.from_settings(settings)  # a bad proxy_keys setting stops the start, not the first request
+    egress = Egress.from_environ(environ, settings.upstream)  # so does a bad proxy or CA variable
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, float]]:
-        app.state.parts = {"upstream": False, "model": False, "store": False}
+        app.state.parts = {"model": False, "store": False}  # the upstream's part is checked by /readyz
         if gate.open:
             log.warning("no admin_token or proxy_keys set: anyone who can reach this proxy can read and change "
                         "every user's memories through /memories; keep it on 127.0.0.1 or set one")
-        app.state.upstream = Upstream(settings, transport)
-        app.state.parts["upstream"] = True
+        app.state.upstream = Upstream(settings, transport, egress=egress)
         async with AsyncExitStack() as stack:
             stack.push_async_callback(app.state.upstream.aclose)
             app.state.memories = await stack.enter_async_context(open_memories(
@@ -55,7 +60,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
             app.state.sessions = await stack.enter_async_context(open_sessions(settings, app.state.memories,
                                                                                app.state.upstream))
             app.state.extractor = await stack.enter_async_context(open_extractor(settings, app.state.memories,
-                                                                                 app.state.upstream, transport))
+                                                                                 app.state.upstream, transport,
+                                                                                 environ))
             # The first model run is the slow one: take it now, not on a user's request.
             await app.state.memories.embedder.embed(["warm up"])
             try:

@@ -7,19 +7,22 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from proxy import __version__, config
-from proxy.api import new_memory, parse_lines
+from proxy.api import new_memory
+from proxy.auth import namespaced, parse_proxy_keys
 from proxy.config import Settings
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.memories import open_memories
 from proxy.models import NewMemory, check_user_id
+from proxy.restore import parse_lines, restore, shown, with_status
+from proxy.store import Store, check_creatable, locate, stored_dimension
 from proxy.store.sessions import open_session_store
 
 
@@ -57,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(name: str, help: str) -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=help)
-        sub.add_argument("--user", required=True, help="the end user whose memories these are")
+        sub.add_argument("--user", required=True, help="the end user whose memories these are (an id that "
+                         "starts with '-' goes as --user=ID)")
+        sub.add_argument("--tenant", help="the tenant (proxy_keys) the user belongs to, as X-Memory-Tenant names "
+                         "it in the API; without it, the memories kept outside every tenant")
         sub.add_argument("--db", help="SQLite path or sqlite:///path, or a postgresql:// URL")
         sub.add_argument("--config", help="TOML settings file")
         sub.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -90,14 +96,19 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
     return config.load(getattr(args, "config", None), environ or getattr(args, "environ", None), {**flags, **extra})
 
 
-def preflight(settings: Settings) -> None:
-    """Load what every worker will load (keys, model, store) once, before serving: a missing or broken part stops
-    the start with one line (main prints the ProxyError) instead of a traceback from each worker's lifespan."""
+def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Load what every worker will load (keys, egress, model, store) once, before serving: a missing or broken
+    part stops the start with one line (main prints the ProxyError) instead of a traceback from each worker's
+    lifespan. `environ` (default os.environ, what the workers read) holds the proxy and CA variables."""
     from proxy.auth import Gate
+    from proxy.egress import Egress
     from proxy.embed import load_embedder
     from proxy.store import open_store
 
     Gate.from_settings(settings)
+    Egress.from_environ(os.environ if environ is None else environ, settings.upstream)
+    if settings.db != config.default_db(settings.data_dir):  # the default store's directory is made for it
+        check_creatable(settings.db)
     embedder = load_embedder(settings.model_dir, threads=settings.embed_threads, batch_size=settings.embed_batch,
                              cache_size=0)
 
@@ -161,41 +172,93 @@ def run_memories(args: argparse.Namespace) -> int:
     return asyncio.run(memories_command(args, settings_from(args)))
 
 
+CREATES = frozenset({"add", "import"})  # the verbs that may start a new store; the others need one that exists
+
+
 async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
-    problem = check_user_id(args.user)
-    if problem:
-        raise BadRequest(problem)
+    for value, noun in ((args.user, "user id"), (args.tenant, "tenant")):
+        problem = value is not None and check_user_id(value, noun)
+        if problem:
+            raise BadRequest(problem)
+    warn_about_tenants(args, settings)
+    new_store = await check_store(args.verb, settings)
     async with open_memories(settings) as memories:
-        store, user = memories.store, args.user
+        if new_store:
+            print(f"memory-proxy: created a new memory store at {new_store}", file=sys.stderr)
+        store, user = memories.store, namespaced(args.tenant, args.user)
         if args.verb == "list":
-            show(args, [m.to_dict() for m in await store.list(user, args.limit, include_history=args.history)])
+            rows = [m.to_dict() for m in await store.list(user, args.limit, include_history=args.history)]
+            show(args, rows)
+            await hint_tenants(args, store, found=bool(rows))
         elif args.verb == "search":
             hits = await memories.recall(user, args.query, k=args.k, min_similarity=-1.0)
             show(args, [h.to_dict() for h in hits])
+            await hint_tenants(args, store, found=bool(hits))
         elif args.verb == "add":
             item = memories.cleaning.item(NewMemory(args.text, args.category, "cli", args.ttl))  # 400s say why
-            show(args, [m.to_dict() for m in await memories.add(user, [item])])
+            show(args, shown(with_status(await memories.add(user, [item]))))
         elif args.verb == "delete":
             if not await store.forget(user, args.id):
-                raise NotFound(f"no memory {args.id!r} for user {user!r}")
+                raise NotFound(f"no memory {args.id!r} for user {args.user!r}")
             show(args, [{"id": args.id, "deleted": True}])
         elif args.verb == "erase":  # their stored conversations go with them, as through the API
             sessions = await open_session_store(store)
             erased = await sessions.erase(user) if sessions is not None else 0
-            show(args, [{"user": user, "deleted": await store.erase(user), "sessions_deleted": erased}])
+            show(args, [{"user": args.user, "deleted": await store.erase(user), "sessions_deleted": erased}])
         elif args.verb == "export":
             before = None
             while page := await store.list(user, 500, before=before, include_history=True):
                 for memory in page:
                     sys.stdout.write(orjson.dumps(memory.to_dict()).decode() + "\n")
                 before = page[-1].id
+            await hint_tenants(args, store, found=before is not None)
         elif args.verb == "import":
-            items = [new_memory(item, param=f"item {n}", cleaning=memories.cleaning)
-                     for n, item in enumerate(parse_lines(args.data), start=1)
-                     if not (isinstance(item, dict) and item.get("superseded_by"))]
-            stored = await memories.add(user, [replace(item, source="import") for item in items])
-            show(args, [m.to_dict() for m in stored])
+            done = await restore(memories, user, parse_lines(args.data),
+                                 lambda item, where: new_memory(item, param=where, cleaning=memories.cleaning))
+            show(args, shown(done))
     return 0
+
+
+async def check_store(verb: str, settings: Settings) -> str | None:
+    """Refuse what would make a store by mistake: a command that only reads or removes needs an existing store
+    (a typo in --db is an error naming the path, not an empty store); one that adds may create it, in a directory
+    that exists unless it is the default store in the data directory. Returns the path of a store about to be
+    created (to say so), else None."""
+    if verb not in CREATES:
+        await stored_dimension(settings.db)
+        return None
+    return await asyncio.to_thread(creating, settings)
+
+
+def creating(settings: Settings) -> str | None:
+    kind, path = locate(settings.db)
+    if kind != "sqlite" or path in ("", ":memory:") or Path(path).expanduser().exists():
+        return None
+    if settings.db != config.default_db(settings.data_dir):
+        check_creatable(settings.db)
+    return path
+
+
+def warn_about_tenants(args: argparse.Namespace, settings: Settings) -> None:
+    """With proxy keys on, the chat path keeps every memory within a tenant: say so when the command names none,
+    and when it names one that no key belongs to."""
+    tenants = sorted(set(parse_proxy_keys(settings.proxy_keys).values()))
+    if tenants and args.tenant is None:
+        print(f"memory-proxy: proxy_keys is set, so the proxy keeps memories per tenant ({', '.join(tenants)}); "
+              "without --tenant this works on memories kept outside every tenant", file=sys.stderr)
+    elif tenants and args.tenant not in tenants:
+        print(f"memory-proxy: tenant {args.tenant!r} has no key in proxy_keys ({', '.join(tenants)})",
+              file=sys.stderr)
+
+
+async def hint_tenants(args: argparse.Namespace, store: Store, *, found: bool) -> None:
+    """Nothing found outside a tenant, but the user has memories within some: name them."""
+    if found or args.tenant is not None:
+        return
+    tenants = await store.tenants_of(args.user)
+    if tenants:
+        print(f"memory-proxy: nothing for {args.user!r} outside a tenant; tenant(s) {', '.join(tenants)} have "
+              "memories of this user: pass --tenant", file=sys.stderr)
 
 
 def show(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
@@ -206,7 +269,8 @@ def show(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         if "text" in row:
             score = f"{row['score']:.3f}  " if "score" in row else ""
             old = "  (superseded)" if row.get("superseded_by") else ""
-            print(f"{row['id']}  {score}[{row['category']}] {row['text']}{old}")
+            status = f"  ({row['status']})" if "status" in row else ""
+            print(f"{row['id']}  {score}[{row['category']}] {row['text']}{old}{status}")
         else:
             print("  ".join(f"{k}={v}" for k, v in row.items()))
 

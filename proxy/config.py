@@ -37,6 +37,8 @@ class Settings:
     read_timeout: float = setting(600.0, "Seconds to wait for upstream bytes, long enough for slow models (504).")
     write_timeout: float = setting(600.0, "Seconds to send the request body upstream.")
     pool_timeout: float = setting(10.0, "Seconds to wait for a free upstream connection from the pool.")
+    upstream_check_seconds: float = setting(10.0, "Seconds /readyz trusts what the last upstream exchange showed "
+                                                  "before it checks again (GET <upstream>/models, no credentials).")
     max_connections: int = setting(1000, "Upstream connection pool size.")
     max_keepalive: int = setting(200, "Idle upstream connections kept open for reuse.")
     max_body_bytes: int = setting(32 * 1024 * 1024, "Largest request body accepted (413 above it).")
@@ -135,6 +137,11 @@ def _default_data_dir(environ: Mapping[str, str]) -> str:
     return str(Path(base) / "memory-proxy")
 
 
+def default_db(data_dir: str) -> str:
+    """The store used when `db` is not set: a SQLite file in the data directory (created with it)."""
+    return str(Path(data_dir) / "memory.db")
+
+
 def settings_help() -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) for every setting, in declaration order."""
     rows = []
@@ -201,7 +208,7 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
         values["data_dir"] = _default_data_dir(environ)
     values["data_dir"] = str(Path(values["data_dir"]).expanduser())
     if not values.get("db"):
-        values["db"] = str(Path(values["data_dir"]) / "memory.db")
+        values["db"] = default_db(values["data_dir"])
     settings = replace(Settings(), **values)
     _validate(settings)
     return settings
@@ -223,14 +230,19 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _validate(s: Settings) -> None:
+    from proxy.store import locate  # not at import: the store package loads numpy
+
     if not s.upstream.startswith(("http://", "https://")):
         raise ConfigError(f"upstream must be an http:// or https:// URL, got {s.upstream!r}")
+    locate(s.db)  # an unknown scheme (mysql://…) stops here, never becomes a file of that name
     positive = ["port", "workers", "max_connections", "max_client_connections", "embed_threads", "embed_batch",
                 "recall_k", "max_body_bytes", "write_queue", "memory_max_chars", "max_messages", "session_max_messages",
                 "summary_keep_messages", "filter_max_bytes", "memory_block_max_chars", "extract_queue"]
     for name in positive:
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")
+    if s.upstream_check_seconds < 0:
+        raise ConfigError("setting 'upstream_check_seconds' must not be negative")
     for name in ("min_similarity", "dedupe_similarity", "conversation_min_similarity"):
         if not -1.0 <= getattr(s, name) <= 1.0:
             raise ConfigError(f"setting {name!r} must be a cosine similarity between -1 and 1")

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ import httpx
 import orjson
 
 from proxy import extract
+from proxy.egress import Egress
 from proxy.errors import ProxyError
 from proxy.rewrite import render_memories
 from proxy.upstream import RawHeaders, Upstream, close_quietly, request_headers
@@ -228,16 +229,19 @@ def retry_after(value: str | None) -> float | None:
 
 @contextlib.asynccontextmanager
 async def open_extractor(settings: Settings, memories: Memories, upstream: Upstream,
-                         transport: httpx.AsyncBaseTransport | None = None) -> AsyncIterator[Extractor | None]:
+                         transport: httpx.AsyncBaseTransport | None = None,
+                         environ: Mapping[str, str] | None = None) -> AsyncIterator[Extractor | None]:
     """The extractor the settings ask for (None when extraction is off), on the chat upstream or on
-    `extract_upstream`; queued turns get their call before it closes."""
+    `extract_upstream` (reached as `environ`'s proxy variables say); queued turns get their call before it
+    closes."""
     if settings.extraction == "off":
         yield None
         return
     own = None
     if settings.extract_upstream:
         own = Upstream(dataclasses.replace(settings, upstream=settings.extract_upstream,
-                                           upstream_key=settings.extract_key), transport)
+                                           upstream_key=settings.extract_key), transport,
+                       egress=Egress.from_environ(environ or {}, settings.extract_upstream))
     extractor = Extractor(settings, memories, own or upstream, own_upstream=own is not None)
     try:
         yield extractor

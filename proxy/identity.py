@@ -19,7 +19,7 @@ from proxy.models import check_user_id
 def identify(request: Request, body: dict[str, Any], header: str, gate: Gate, tenant: str | None) -> str | None:
     """The store's id of the end user: the user header, else the body's `user` field (unless users must be
     signed), within the caller's tenant; None when no one is named."""
-    user = request.headers.get(header)
+    user = header_text(request.headers.get(header))
     param = header
     if user is None:
         if gate.signing_secret:
@@ -35,3 +35,15 @@ def identify(request: Request, body: dict[str, Any], header: str, gate: Gate, te
     if not gate.signed(request, user):
         raise Unauthorized(f"{header} needs a valid X-Memory-User-Signature", code="invalid_signature")
     return namespaced(tenant, user)
+
+
+def header_text(value: str | None) -> str | None:
+    """A header value as the client meant it. Starlette decodes header bytes as Latin-1; clients send a
+    non-ASCII user id as UTF-8, and it must name the same user as the body's `user` or the API's path does.
+    Bytes that are not UTF-8 keep their Latin-1 reading (RFC 9110 §5.5: opaque octets)."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        return value

@@ -21,15 +21,14 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-import psycopg
 
-from proxy.errors import ConfigError, StoreError
+from proxy.errors import ConfigError
 from proxy.memories import clean_text
 from proxy.models import Memory, category_of
 from proxy.sensitive import secret_kind
-from proxy.store import postgres
-from proxy.store.postgres import PostgresStore, describe
-from proxy.store.sqlite import COLUMNS, SqliteStore, db
+from proxy.store import Store, locate, postgres, stored_dimension
+from proxy.store.postgres import PostgresStore
+from proxy.store.sqlite import COLUMNS, SqliteStore
 from proxy.store.vectors import unit
 
 Floats = npt.NDArray[np.float32]
@@ -68,18 +67,11 @@ def cleaned(rows: Sequence[Row]) -> list[Row]:
     return kept
 
 
-def is_postgres(url: str) -> bool:
-    return url.startswith(("postgresql://", "postgres://"))
-
-
-def sqlite_path(url: str) -> str:
-    return url[len("sqlite://"):] if url.startswith("sqlite://") else url
-
-
 def same_store(first: str, second: str) -> bool:
-    if is_postgres(first) or is_postgres(second):
+    (kind, a), (other, b) = locate(first), locate(second)
+    if kind == "postgresql" or other == "postgresql":
         return first == second
-    return Path(sqlite_path(first)).resolve() == Path(sqlite_path(second)).resolve()
+    return Path(a).resolve() == Path(b).resolve()
 
 
 class SqliteEndpoint:
@@ -160,42 +152,20 @@ class PostgresEndpoint:
         await self.store.close()
 
 
-def sqlite_dimension(path: str) -> int:
-    """The vector dimension a SQLite store was made for (it must exist: a source is never created)."""
-    if not Path(path).is_file():
-        raise StoreError(f"no SQLite memory store at {path!r}")
-    try:
-        conn = db.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
-        try:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()
-        finally:
-            conn.close()
-    except db.Error as exc:
-        raise StoreError(f"{path!r} is not a memory-proxy SQLite store ({exc})") from exc
-    if row is None:
-        raise StoreError(f"{path!r} holds no memories yet (no vector dimension recorded)")
-    return int(row[0])
-
-
-async def postgres_dimension(url: str) -> int:
-    try:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10) as conn:
-            cursor = await conn.execute("SELECT to_regclass('memory_meta') IS NOT NULL")
-            found = await cursor.fetchone()
-            row = None
-            if found and found[0]:
-                row = await (await conn.execute("SELECT value FROM memory_meta WHERE key = 'dimension'")).fetchone()
-    except psycopg.Error as exc:
-        raise describe(url, exc) from exc
-    if row is None:
-        raise StoreError("the PostgreSQL database holds no memory-proxy store (no memory_meta table)")
-    return int(row[0])
+def endpoint_of(store: Store) -> Endpoint:
+    """The rows of a store already open (its owner closes it): for imports that keep ids and dates."""
+    if isinstance(store, SqliteStore):
+        return SqliteEndpoint(store)
+    if isinstance(store, PostgresStore):
+        return PostgresEndpoint(store)
+    raise TypeError(f"no row access for {type(store).__name__}")
 
 
 async def open_endpoint(url: str, dimension: int) -> Endpoint:
-    if is_postgres(url):
-        return PostgresEndpoint(await PostgresStore.open(url, dimension=dimension, dedupe_similarity=1.0))
-    return SqliteEndpoint(await SqliteStore.open(sqlite_path(url), dimension=dimension, dedupe_similarity=1.0))
+    kind, target = locate(url)
+    if kind == "postgresql":
+        return PostgresEndpoint(await PostgresStore.open(target, dimension=dimension, dedupe_similarity=1.0))
+    return SqliteEndpoint(await SqliteStore.open(target, dimension=dimension, dedupe_similarity=1.0))
 
 
 async def copy(source_url: str, target_url: str, *, batch: int = 1000,
@@ -203,10 +173,7 @@ async def copy(source_url: str, target_url: str, *, batch: int = 1000,
     """Copy every row of the source store into the target store (created if need be); see the module docstring."""
     if await asyncio.to_thread(same_store, source_url, target_url):
         raise ConfigError("--from and --to name the same store")
-    if is_postgres(source_url):
-        dimension = await postgres_dimension(source_url)
-    else:
-        dimension = await asyncio.to_thread(sqlite_dimension, sqlite_path(source_url))
+    dimension = await stored_dimension(source_url)
     source = await open_endpoint(source_url, dimension)
     try:
         target = await open_endpoint(target_url, dimension)

@@ -108,13 +108,22 @@ Operation = NewMemory | Forget
 MAX_USER_ID = 256
 
 
-def check_user_id(user: str) -> str | None:
-    """Why a user id is unacceptable, or None when it is fine: non-empty, at most 256 characters, and no control
-    characters (they would forge log lines and break headers)."""
+def check_user_id(user: str, noun: str = "user id") -> str | None:
+    """Why a user id is unacceptable, or None when it is fine: non-empty, at most 256 characters, no control
+    characters (they would forge log lines and break headers) and no lone surrogates (what bytes that are not
+    UTF-8 become when a percent-encoded path or an argument is decoded). Any other character is fine, `/`, `%`
+    and `..` included: in a URL the id is one percent-encoded path segment (proxy/routing.py)."""
     if not user:
-        return "the user id is empty"
+        return f"the {noun} is empty"
     if len(user) > MAX_USER_ID:
-        return f"the user id is longer than {MAX_USER_ID} characters"
+        return f"the {noun} is longer than {MAX_USER_ID} characters"
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in user):
-        return "the user id contains control characters"
+        return f"the {noun} contains control characters"
+    if not is_unicode(user):
+        return f"the {noun} is not valid UTF-8"
     return None
+
+
+def is_unicode(text: str) -> bool:
+    """No lone surrogates: the text can be stored and sent as UTF-8."""
+    return not any("\ud800" <= c <= "\udfff" for c in text)

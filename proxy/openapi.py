@@ -23,8 +23,10 @@ from proxy.config import Settings
 from proxy.models import MAX_USER_ID
 
 Schema = dict[str, Any]
-# What check_user_id accepts, less what cannot be one URL path segment ("/", "." and "..").
-USER_PATTERN = r"^(?!\.\.?$)[^/\u0000-\u001f\u007f-\u009f]+$"
+# What check_user_id accepts: no control characters. In a path the id is one percent-encoded segment.
+USER_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+SEGMENT = ("One percent-encoded path segment: any id the chat path accepts, `/` sent as `%2F`, `%` as `%25`, "
+           "non-ASCII as UTF-8 (`team/alice` → `team%2Falice`).")
 ID_PART_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"  # empty, or a user id without the path's limits
 MEMORY_ID_PATTERN = r"^[0-9a-f]{20}$"  # proxy.models.new_id
 NOT_BLANK = r"\S"
@@ -76,6 +78,10 @@ def schemas(settings: Settings) -> dict[str, Schema]:
             "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                            "param": nullable("string"), "code": nullable("string")}}}},
         "Memory": {"type": "object", "required": list(memory_fields), "properties": memory_fields},
+        "StoredMemory": {"allOf": [ref("Memory"), {"type": "object", "required": ["status"], "properties": {
+            "status": {"enum": ["created", "updated", "unchanged"], "description": "created: a new memory; "
+                       "updated: an existing one (a near-duplicate, or the same id with a newer updated_at); "
+                       "unchanged: an import line the user already had as it is"}}}]},
         "Hit": {"allOf": [ref("Memory"), {"type": "object", "required": ["score"],
                                           "properties": {"score": {"type": "number"}}}]},
         "NewMemory": {"type": "object", "required": ["text"],
@@ -132,7 +138,8 @@ def with_memory(summary: str, request: str, user_header: str) -> Schema:
 
 
 def user_param() -> Schema:
-    return {"name": "user", "in": "path", "required": True, "description": "The end user whose memories these are.",
+    return {"name": "user", "in": "path", "required": True,
+            "description": "The end user whose memories these are. " + SEGMENT,
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": USER_PATTERN}}
 
 
@@ -175,11 +182,17 @@ def users_operation() -> Schema:
             "security": [{}, {"bearer": []}]}
 
 
+def with_ok(operation: Schema, response: Schema) -> Schema:
+    operation["responses"]["200"] = response
+    return operation
+
+
 def one_session(summary: str, ok: Schema, params: list[Schema] | None = None) -> Schema:
     operation = memory_operation(summary, ok, found=True, params=params)
     operation["responses"]["404"] = error("No such session, or conversation memory is not available")
-    operation["parameters"].append({"name": "session", "in": "path", "required": True, "schema": {
-        "type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": USER_PATTERN}})
+    operation["parameters"].append({"name": "session", "in": "path", "required": True, "description": SEGMENT,
+                                    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID,
+                                               "pattern": USER_PATTERN}})
     return operation
 
 
@@ -196,16 +209,27 @@ def ok(description: str, schema: Schema, media_type: str = "application/json") -
 
 def document(settings: Settings) -> Schema:
     listed = ok("The memories, newest first", ref("MemoryList"))
-    stored = ok("What was stored (a near-duplicate updates the memory it repeats)", listing(ref("Memory")))
+    stored = ok("What was stored, each with its status: at least one memory was created", listing(ref("StoredMemory")))
+    updated = ok("Nothing was created: every item updated (or already was) a memory of the user",
+                 listing(ref("StoredMemory")))
     new_memories = {"oneOf": [ref("NewMemory"), {"type": "array", "minItems": 1, "items": ref("NewMemory")}]}
     health = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
-    ready = {"type": "object", "required": ["status", "parts"],
-             "properties": {"status": {"type": "string"}, "parts": {"type": "object"}}}
+    ready = {"type": "object", "required": ["status", "parts"], "properties": {
+        "status": {"enum": ["ready", "starting", "upstream-unreachable"]},
+        "parts": {"type": "object", "additionalProperties": {"type": "boolean"},
+                  "description": "model, store, and upstream: whether its last exchange got an HTTP answer"},
+        "upstream": {"type": ["object", "null"], "properties": {
+            "reachable": nullable("boolean"), "error": nullable("string"),
+            "checked_seconds_ago": nullable("number")}}}}
     paths = {
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": ok("The process serves", health)}}},
-        "/readyz": {"get": {"summary": "Readiness", "responses": {
-            "200": ok("Upstream client, model and store are up", ready),
-            "503": ok("Starting or stopping", ready)}}},
+        "/readyz": {"get": {
+            "summary": "Readiness: this process's model and store; the upstream reported (required with "
+                       "require=upstream), known from the last exchange or a probe at most every "
+                       "upstream_check_seconds",
+            "parameters": [query("require", {"enum": ["upstream"]}, "Also require the upstream to be reachable")],
+            "responses": {"200": ok("Ready", ready), "503": ok("Starting, stopping, or the required upstream is "
+                                                               "unreachable", ready)}}},
         "/openapi.json": {"get": {"summary": "This document",
                                   "responses": {"200": ok("OpenAPI 3.1", {"type": "object"})}}},
         "/v1/chat/completions": {"post": with_memory(
@@ -219,7 +243,8 @@ def document(settings: Settings) -> Schema:
                 query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST}, "At most this many"),
                 query("after", {"type": "string"}, "The last id of the previous page"),
                 query("include_history", {"type": "boolean"}, "Superseded memories too")]),
-            "post": memory_operation("Add memories", stored, status="201", body=new_memories),
+            "post": with_ok(memory_operation("Add memories (a near-duplicate updates the memory it repeats)", stored,
+                                             status="201", body=new_memories), updated),
             "delete": memory_operation("Erase every memory of the user", ok("Erased", {
                 "type": "object", "required": ["object", "user", "deleted"],
                 "properties": {"object": {"const": "user.erased"}, "user": {"type": "string"},
@@ -233,9 +258,10 @@ def document(settings: Settings) -> Schema:
                       "Memories (default), or excerpts of past conversations")])},
         "/memories/{user}/export": {"get": memory_operation("Every memory of the user, history included", ok(
             "JSON Lines, one memory a line", {"type": "string"}, "application/x-ndjson"))},
-        "/memories/{user}/import": {"post": memory_operation(
-            "Add memories as exported (superseded ones are skipped); importing twice changes nothing", stored,
-            status="201", body={"type": "array", "items": ref("NewMemory")})},
+        "/memories/{user}/import": {"post": with_ok(memory_operation(
+            "Put back memories as exported, ids, dates and history kept (lines without an id are added like POST); "
+            "importing twice changes nothing", stored, status="201",
+            body={"type": "array", "items": {"anyOf": [ref("Memory"), ref("NewMemory")]}}), updated)},
         "/memories/{user}/{id}": {
             "get": one_memory("One memory", ok("The memory", ref("Memory"))),
             "patch": one_memory("Change a memory's text, category or expiry", ok("The memory", ref("Memory")),

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from proxy import context
 from proxy.context import TokenCounter, budget_for, message_texts
 from proxy.errors import BadRequest
-from proxy.models import MAX_USER_ID
+from proxy.models import MAX_USER_ID, check_user_id
 from proxy.store.sessions import ChunkHit, SessionStore, open_session_store
 from proxy.upkeep import Job, Upkeep
 from proxy.upstream import RawHeaders, Upstream, credentials
@@ -55,8 +55,7 @@ def session_id(request: Request, body: dict[str, Any]) -> str | None:
 
 
 def check_session(value: Any, param: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_USER_ID \
-            or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+    if not isinstance(value, str) or check_user_id(value, "session id"):
         raise BadRequest(f"the session id must be a string of 1 to {MAX_USER_ID} characters without control "
                          "characters", param=param, code="invalid_session")
     return value

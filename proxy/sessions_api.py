@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from proxy.api import MAX_LIST, guarded, int_param, json_response
 from proxy.errors import NotFound
+from proxy.routing import SegmentRoute
 from proxy.sessions import Sessions, check_session
 from proxy.store.sessions import SessionStore
 
@@ -62,7 +62,7 @@ async def delete_session(request: Request) -> Response:
 
 
 routes = [
-    Route("/sessions/{user}", list_sessions, methods=["GET"]),
-    Route("/sessions/{user}/{session}", get_session, methods=["GET"]),
-    Route("/sessions/{user}/{session}", delete_session, methods=["DELETE"]),
+    SegmentRoute("/sessions/{user}", list_sessions, methods=["GET"]),
+    SegmentRoute("/sessions/{user}/{session}", get_session, methods=["GET"]),
+    SegmentRoute("/sessions/{user}/{session}", delete_session, methods=["DELETE"]),
 ]

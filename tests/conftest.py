@@ -49,6 +49,7 @@ def start_proxy() -> Iterator[Callable[..., str]]:
     returns its base URL. Stopped at the test's end."""
     with ExitStack() as stack:
         def start(settings: Settings, **app_options: Any) -> str:
+            app_options.setdefault("environ", {})  # no forward proxy from the machine's environment
             return stack.enter_context(running(create_app(settings, **app_options), **server_options(settings)))
         yield start
 

@@ -18,11 +18,13 @@ import uvicorn
 
 
 @contextmanager
-def running(app: Any, **options: Any) -> Iterator[str]:
-    """Serve `app` on a free port of 127.0.0.1 until the block ends; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+def running(app: Any, sock: socket.socket | None = None, **options: Any) -> Iterator[str]:
+    """Serve `app` on a free port of 127.0.0.1 (or on `sock`, bound already) until the block ends; yields its
+    base URL (https:// when `options` hold ssl_certfile)."""
+    if sock is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=1, **options)
@@ -35,7 +37,7 @@ def running(app: Any, **options: Any) -> Iterator[str]:
             raise RuntimeError("the test server did not start")
         time.sleep(0.005)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if options.get('ssl_certfile') else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

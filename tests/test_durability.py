@@ -87,7 +87,7 @@ class Writers:
                 finally:
                     with self.lock:
                         self.in_flight -= 1
-                if response.status_code == 201:
+                if response.status_code in (200, 201):  # created, or a near-duplicate updated
                     with self.lock:
                         self.acked += [(user, m["id"], m["text"]) for m in response.json()["data"]]
 

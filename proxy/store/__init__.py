@@ -14,13 +14,17 @@ Semantics shared by every engine (and proven by one test suite run against each)
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from proxy.errors import ConfigError
 from proxy.models import Hit, Memory, NewMemory, new_id
 
 Vector = npt.NDArray[np.float32]
@@ -81,6 +85,8 @@ class Store(Protocol):
         chunks), in the engine's text order, after the id `after` (the cursor): those starting with `prefix`,
         and, unless `prefix` holds the tenant separator, only ids without one (a plain listing never shows
         another tenant's users)."""
+    async def tenants_of(self, user: str) -> builtins.list[str]:
+        """The tenants (proxy/auth.py) under which this user id has memories, sorted."""
 
     async def purge_expired(self) -> int: ...
 
@@ -104,14 +110,61 @@ def successor(prefix: str) -> str | None:
     return None
 
 
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def locate(url: str) -> tuple[str, str]:
+    """Which engine a store location names, and what that engine opens: ("postgresql", url) for `postgresql://`
+    and `postgres://` URLs, ("sqlite", path) for `sqlite:///path` (`sqlite://relative.db`), a plain path or
+    `:memory:`. Raises ConfigError for any other scheme (`mysql://host/db`): a URL is never taken for a file name."""
+    found = SCHEME.match(url)
+    scheme = found.group(1).lower() if found else ""
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql", url
+    if scheme == "sqlite":
+        return "sqlite", url[len("sqlite://"):]
+    if scheme:
+        raise ConfigError(f"unknown memory store {redact(url)!r}: give a SQLite path (or sqlite:///path) or a "
+                          "postgresql:// URL")
+    return "sqlite", url
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+async def stored_dimension(url: str) -> int:
+    """The vector dimension of the store at `url`, which must exist already; StoreError naming the location
+    when there is none. Never creates anything: for commands that only read."""
+    kind, target = locate(url)
+    if kind == "postgresql":
+        from proxy.store.postgres import stored_dimension as postgres_dimension
+
+        return await postgres_dimension(target)
+    from proxy.store.sqlite import stored_dimension as sqlite_dimension
+
+    return await asyncio.to_thread(sqlite_dimension, target)
+
+
+def check_creatable(url: str) -> None:
+    """Refuse a SQLite path whose directory does not exist (a typo would otherwise make a tree of directories
+    and an empty store); PostgreSQL databases are created by their server, not here."""
+    kind, path = locate(url)
+    if kind == "sqlite" and path not in ("", ":memory:"):
+        parent = Path(path).expanduser().parent
+        if not parent.is_dir():
+            raise ConfigError(f"cannot create the memory store {path!r}: its directory {str(parent)!r} does not "
+                              "exist")
+
+
 async def open_store(url: str, *, dimension: int, dedupe_similarity: float = 0.9) -> Store:
-    """`postgresql://…` or `postgres://…` → PostgreSQL; `sqlite:///path`, a plain path or `:memory:` → SQLite."""
-    if url.startswith(("postgresql://", "postgres://")):
+    """Open (creating it if need be) the store `url` names (see `locate`)."""
+    kind, target = locate(url)
+    if kind == "postgresql":
         from proxy.store.postgres import PostgresStore
 
-        return await PostgresStore.open(url, dimension=dimension, dedupe_similarity=dedupe_similarity)
+        return await PostgresStore.open(target, dimension=dimension, dedupe_similarity=dedupe_similarity)
     from proxy.store.sqlite import SqliteStore
 
-    # sqlite:///var/lib/x.db names /var/lib/x.db; a bare path is taken as it is.
-    path = url[len("sqlite://"):] if url.startswith("sqlite://") else url
-    return await SqliteStore.open(path, dimension=dimension, dedupe_similarity=dedupe_similarity)
+    return await SqliteStore.open(target, dimension=dimension, dedupe_similarity=dedupe_similarity)

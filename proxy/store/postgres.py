@@ -28,7 +28,6 @@ migrating takes a transaction-level advisory lock of its own, so instances start
 from __future__ import annotations
 
 import builtins
-import re
 import struct
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -44,7 +43,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from proxy.errors import StoreError, StoreUnavailable
 from proxy.models import TENANT_SEPARATOR, Hit, Memory, NewMemory
-from proxy.store import Engine, Vector
+from proxy.store import Engine, Vector, redact
 from proxy.store.vectors import TIE, rank, unit
 
 Floats = npt.NDArray[np.float32]
@@ -104,10 +103,6 @@ class VectorLoader(Loader):
         return np.frombuffer(data, dtype=">f4", count=dimension, offset=4).astype(np.float32)
 
 
-def redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
 def describe(url: str, exc: Exception) -> StoreError:
     """The fault in one line; StoreUnavailable when it passes (the server is down, restarting or unreachable)."""
     message = str(exc).strip() or type(exc).__name__
@@ -124,6 +119,23 @@ def describe(url: str, exc: Exception) -> StoreError:
     else:
         why = "the memory store failed"
     return kind(f"PostgreSQL memory store {redact(url)}: {why} ({message})")
+
+
+async def stored_dimension(url: str) -> int:
+    """The vector dimension of the memory-proxy store in this database; StoreError if it holds none (nothing
+    is created)."""
+    try:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10) as conn:
+            cursor = await conn.execute("SELECT to_regclass('memory_meta') IS NOT NULL")
+            found = await cursor.fetchone()
+            row = None
+            if found and found[0]:
+                row = await (await conn.execute("SELECT value FROM memory_meta WHERE key = 'dimension'")).fetchone()
+    except psycopg.Error as exc:
+        raise describe(url, exc) from exc
+    if row is None:
+        raise StoreError(f"the PostgreSQL database {redact(url)} holds no memory-proxy store (no memory_meta table)")
+    return int(row[0])
 
 
 async def migrate(conn: Conn, dimension: int) -> int:
@@ -339,6 +351,14 @@ class PostgresStore(Engine):
         async with self.connection() as conn:
             rows = await self.fetch(conn, sql, {"now": time.time(), "user": user})
         return int(rows[0][0])
+
+    async def tenants_of(self, user: str) -> builtins.list[str]:
+        """The tenants under which `user` has memories (a scan of the table: for the CLI's hints, not requests)."""
+        sql = ('SELECT DISTINCT left("user", -length(%(user)s) - 1) FROM memories '
+               'WHERE right("user", length(%(user)s) + 1) = chr(31) || %(user)s ORDER BY 1')
+        async with self.connection() as conn:
+            rows = await self.fetch(conn, sql, {"user": user})
+        return [row[0] for row in rows]
 
     async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0) -> builtins.list[Hit]:
         query = unit(self.as_matrix(vector, 1))[0]

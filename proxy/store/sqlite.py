@@ -179,6 +179,24 @@ def migrate(conn: sqlite3.Connection, dimension: int) -> None:
         raise
 
 
+def stored_dimension(path: str) -> int:
+    """The vector dimension the SQLite store at `path` was made for; StoreError if there is no store there (the
+    file is opened read-only: nothing is created)."""
+    if not Path(path).expanduser().is_file():
+        raise StoreError(f"no SQLite memory store at {path!r}")
+    try:
+        conn = db.connect(Path(path).expanduser().resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()
+        finally:
+            conn.close()
+    except db.Error as exc:
+        raise StoreError(f"{path!r} is not a memory-proxy SQLite store ({exc})") from exc
+    if row is None:
+        raise StoreError(f"{path!r} holds no memories yet (no vector dimension recorded)")
+    return int(row[0])
+
+
 def to_memory(row: Row) -> Memory:
     return Memory(*row)
 
@@ -511,6 +529,12 @@ class SqliteStore(Engine):
         sql = f"SELECT count(*) FROM memories WHERE {LIVE}" + ("" if user is None else " AND user = ?")
         args = (time.time(), *(() if user is None else (user,)))
         return await self.read(lambda conn: int(conn.execute(sql, args).fetchone()[0]))
+
+    async def tenants_of(self, user: str) -> builtins.list[str]:
+        """The tenants under which `user` has memories (a scan of the table: for the CLI's hints, not requests)."""
+        sql = ("SELECT DISTINCT substr(user, 1, length(user) - length(?1) - 1) FROM memories "
+               "WHERE length(user) > length(?1) + 1 AND substr(user, -length(?1) - 1) = char(31) || ?1 ORDER BY 1")
+        return await self.read(lambda conn: [row[0] for row in conn.execute(sql, (user,))])
 
     async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0) -> builtins.list[Hit]:
         query = unit(self.as_matrix(vector, 1)[0])

@@ -1,0 +1,125 @@
+"""One rule for user ids on every path: any id the chat path accepts can be listed, searched, exported and erased
+through the API (one percent-encoded path segment) and the CLI, and the chat path's header and body name the same
+user. Real server, hashing embedder, real SQLite; the CLI with the real model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from proxy.cli import main
+from proxy.config import Settings
+from proxy.embed import HashEmbedder
+from tests.fakeupstream import FakeUpstream
+
+Upstream = tuple[FakeUpstream, str]
+IDS = ["team/alice", "50%off", "%2F", "with space", "café ☕", "..", ".", "a/../b", "q?x=1#frag", "ユーザー", "-"]
+
+
+def segment(user: str) -> str:
+    """One path segment, as a client must send it: every byte but unreserved ones percent-encoded, and the dots of
+    `.` and `..` too (RFC 3986 §5.2.4 has clients drop unencoded dot segments)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_~") else
+                   "".join(f"%{b:02X}" for b in c.encode()) for c in user)
+
+
+@pytest.fixture
+def api(upstream: Upstream, settings_for: Callable[..., Settings], start_proxy: Callable[..., str]) -> str:
+    return start_proxy(settings_for(upstream[1], session_history="store"), embedder=HashEmbedder())
+
+
+def stored(api: str, user: str, expect: int) -> list[dict[str, object]]:
+    deadline = time.monotonic() + 10
+    while True:
+        data: list[dict[str, object]] = httpx.get(f"{api}/memories/{segment(user)}").json()["data"]
+        if len(data) >= expect or time.monotonic() > deadline:
+            return data
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("user", IDS)
+def test_a_user_the_chat_path_accepts_is_listed_exported_and_erased_through_the_api(
+        user: str, api: str, upstream: Upstream) -> None:
+    upstream[0].reply('Noted.\n<memory>\n["User keeps bees"]\n</memory>')
+    chat = httpx.post(api + "/v1/chat/completions", json={"model": "m", "user": user, "messages": [
+        {"role": "user", "content": "I keep bees"}]}, headers={"X-Memory-Session": "garden/2024"})
+    assert chat.status_code == 200
+    listed = stored(api, user, 1)
+    assert [m["text"] for m in listed] == ["User keeps bees"] and listed[0]["user"] == user
+    other = httpx.get(f"{api}/memories/{segment(user + 'x')}").json()["data"]
+    assert other == []  # the segment names exactly this user, no prefix of it
+
+    added = httpx.post(f"{api}/memories/{segment(user)}", json={"text": "User lives in Ghent"})
+    assert added.status_code == 201 and added.json()["data"][0]["user"] == user
+    one = httpx.get(f"{api}/memories/{segment(user)}/{added.json()['data'][0]['id']}")
+    assert one.status_code == 200 and one.json()["text"] == "User lives in Ghent"
+    hits = httpx.get(f"{api}/memories/{segment(user)}/search", params={"q": "bees"}).json()["data"]
+    assert {h["text"] for h in hits} == {"User keeps bees", "User lives in Ghent"}
+    exported = [orjson.loads(line) for line in httpx.get(f"{api}/memories/{segment(user)}/export").content.splitlines()]
+    assert len(exported) == 2 and {m["user"] for m in exported} == {user}
+
+    sessions = httpx.get(f"{api}/sessions/{segment(user)}")
+    assert sessions.status_code == 200
+    for _ in range(200):  # the turn is stored after the answer, off the request path
+        if sessions.json()["data"]:
+            break
+        time.sleep(0.02)
+        sessions = httpx.get(f"{api}/sessions/{segment(user)}")
+    assert [s["id"] for s in sessions.json()["data"]] == ["garden/2024"]
+    session = httpx.get(f"{api}/sessions/{segment(user)}/{segment('garden/2024')}")
+    assert session.status_code == 200 and session.json()["data"][0]["content"] == "I keep bees"
+
+    erased = httpx.delete(f"{api}/memories/{segment(user)}")
+    assert erased.status_code == 200, erased.text
+    assert erased.json() == {"object": "user.erased", "user": user, "deleted": 2, "sessions_deleted": 1}
+    assert httpx.get(f"{api}/memories/{segment(user)}").json()["data"] == []
+    assert httpx.get(f"{api}/sessions/{segment(user)}").json()["data"] == []
+
+
+def test_the_header_and_the_body_name_the_same_user(api: str, upstream: Upstream) -> None:
+    """Clients send a non-ASCII header as UTF-8 bytes; it is the body's `user` and the API's path all the same."""
+    upstream[0].reply('Ok.\n<memory>\n["User speaks Dutch"]\n</memory>', "Ok.")
+    body = {"model": "m", "messages": [{"role": "user", "content": "Ik spreek Nederlands"}]}
+    assert httpx.post(api + "/v1/chat/completions", json=body,
+                      headers={"X-Memory-User": "zoë/ü".encode()}).status_code == 200
+    assert [m["text"] for m in stored(api, "zoë/ü", 1)] == ["User speaks Dutch"]
+    question = {"model": "m", "user": "zoë/ü", "messages": [{"role": "user", "content": "Which language, Dutch?"}]}
+    asked = httpx.post(api + "/v1/chat/completions", json=question)
+    assert asked.status_code == 200 and "User speaks Dutch" in upstream[0].chats[-1].body.decode()
+
+
+@pytest.mark.parametrize(("path", "status", "param"), [
+    ("/memories/%FF", 400, "user"),  # not UTF-8 once decoded
+    ("/memories/a%00b", 400, "user"),
+    ("/memories/a%0Ab/export", 400, "user"),
+    ("/memories/" + "x" * 257, 400, "user"),
+    ("/memories/%C3%A9/%FF", 404, "id"),
+    ("/sessions/u/%FF", 400, "session"),
+])
+def test_ids_no_path_can_name_are_refused_clearly(api: str, path: str, status: int, param: str) -> None:
+    response = httpx.get(api + path)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("user", IDS)
+def test_the_cli_takes_the_same_ids(user: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "m.db")
+
+    def cli(*argv: str) -> str:
+        assert main([*argv, "--db", db], environ={"HOME": str(tmp_path)}) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    cli("memories", "add", f"--user={user}", "User keeps bees")
+    cli("memories", "add", f"--user={user}x", "Someone else entirely")
+    listed = orjson.loads(cli("memories", "list", f"--user={user}", "--json"))
+    assert [(m["user"], m["text"]) for m in listed] == [(user, "User keeps bees")]
+    assert [orjson.loads(line)["user"] for line in cli("memories", "export", f"--user={user}").splitlines()] == [user]
+    assert orjson.loads(cli("memories", "erase", f"--user={user}", "--yes", "--json"))[0]["deleted"] == 1
+    assert orjson.loads(cli("memories", "list", f"--user={user}", "--json")) == []
+    assert len(orjson.loads(cli("memories", "list", f"--user={user}x", "--json"))) == 1
