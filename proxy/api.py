@@ -11,6 +11,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from proxy import logs
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Cleaning, Memories
@@ -37,6 +38,7 @@ def guarded(handler: Handler) -> Handler:
         if problem:
             raise BadRequest(problem, param="user", code="invalid_user")
         request.state.user = namespaced(tenant, request.path_params["user"])
+        logs.identified(request.state.user)
         return await handler(request)
     return guarded_handler
 

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import api, chat, config, health, inspector, openapi, responses, sessions_api, users_api
+from proxy import api, chat, config, health, inspector, logs, metrics, openapi, responses, sessions_api, users_api
 from proxy.auth import Gate
 from proxy.chains import Chains
 from proxy.config import Settings
@@ -23,6 +23,7 @@ from proxy.egress import Egress
 from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
 from proxy.extraction import open_extractor
+from proxy.instrumentation import Instrumentation
 from proxy.limits import HEAD_TIMEOUT_STATE, RequestLimits
 from proxy.memories import open_memories
 from proxy.passthrough import passthrough
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     settings = settings or config.load(environ=environ)
     gate = Gate.from_settings(settings)  # a bad proxy_keys setting stops the start, not the first request
     egress = Egress.from_environ(environ, settings.upstream)  # so does a bad proxy or CA variable
+    logs.show_content(settings.log_content)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, float]]:
@@ -54,6 +56,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
                         "every user's memories through /memories; keep it on 127.0.0.1 or set one")
         app.state.upstream = Upstream(settings, transport, egress=egress)
         async with AsyncExitStack() as stack:
+            stack.callback(metrics.worker_stopped)  # last, after the queues have drained
             stack.push_async_callback(app.state.upstream.aclose)
             app.state.memories = await stack.enter_async_context(open_memories(
                 settings, store=store, embedder=embedder, ready=lambda part: app.state.parts.__setitem__(part, True)))
@@ -73,6 +76,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         Route("/healthz", health.healthz, methods=["GET", "HEAD"]),
         Route("/readyz", health.readyz, methods=["GET", "HEAD"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET", "HEAD"]),
+        Route("/metrics", metrics.metrics_endpoint, methods=["GET", "HEAD"]),
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
         # Azure OpenAI clients: /openai/deployments/... (its classic routes), or /v1/deployments/... (base_url /v1)
         Route("/openai/deployments/{deployment}/chat/completions", chat.chat_completions, methods=["POST"]),
@@ -89,7 +93,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         Route("/openai/{path:path}", passthrough, methods=ALL_METHODS),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[
-        Middleware(DateHeader), Middleware(RequestLimits, body_timeout=settings.request_body_timeout),
+        Middleware(DateHeader), Middleware(Instrumentation, access_log=settings.access_log),
+        Middleware(RequestLimits, body_timeout=settings.request_body_timeout),
     ], exception_handlers={
         ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected_error,
     })

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
+import logging.config
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from proxy.models import NewMemory, check_user_id
 from proxy.restore import parse_lines, restore, shown, with_status
 from proxy.store import Store, check_creatable, locate, stored_dimension
 from proxy.store.sessions import open_session_store
+
+log = logging.getLogger("memory_proxy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,10 +99,11 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
     return config.load(getattr(args, "config", None), environ or getattr(args, "environ", None), {**flags, **extra})
 
 
-def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
     """Load what every worker will load (keys, egress, model, store) once, before serving: a missing or broken
     part stops the start with one line (main prints the ProxyError) instead of a traceback from each worker's
-    lifespan. `environ` (default os.environ, what the workers read) holds the proxy and CA variables."""
+    lifespan. `environ` (default os.environ, what the workers read) holds the proxy and CA variables. Returns the
+    embedding model's name."""
     from proxy.auth import Gate
     from proxy.egress import Egress
     from proxy.embed import load_embedder
@@ -121,24 +125,38 @@ def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> N
             await embedder.close()
 
     asyncio.run(check_store())
+    return embedder.name
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """Run uvicorn on the app factory. The workers are handed the resolved settings as the factory's argument,
+    pickled through the pipe that starts each one (multiprocessing's spawn), never through the environment,
+    where `/proc/PID/environ` would show their secrets for the life of the process."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
+    from proxy import logs, metrics
+    from proxy.app import create_app
     from proxy.server import server_options
 
     settings = settings_from(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: noise in the log and a cost on the hot path.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    preflight(settings)
-    # Workers are separate processes that load their settings themselves: hand them the resolved ones.
-    for name, value in asdict(settings).items():
-        os.environ[config.ENV_PREFIX + name.upper()] = str(value)
-    uvicorn.run("proxy.app:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level.lower(), access_log=False,
-                loop="auto", lifespan="on", **server_options(settings))
+    log_config = logs.config(settings)
+    logging.config.dictConfig(log_config)
+    for message in config.misspelt(args.environ):
+        log.warning(message)
+    logs.startup(settings, preflight(settings))
+    for name in [name for name in os.environ if name.startswith(config.ENV_PREFIX)]:
+        del os.environ[name]  # resolved into `settings`: the workers need none of them, secrets least of all
+    server = uvicorn.Config(functools.partial(create_app, settings), factory=True, host=settings.host,
+                            port=settings.port, workers=settings.workers, log_config=log_config,
+                            log_level=settings.log_level.lower(), access_log=False, loop="auto", lifespan="on",
+                            **server_options(settings))
+    if settings.workers == 1:
+        single = uvicorn.Server(server)
+        single.run()
+        return 0 if single.started else 3  # uvicorn's exit status for a failed start
+    with metrics.multiprocess_directory():
+        Multiprocess(server, sockets=[server.bind_socket()]).run()
     return 0
 
 

@@ -7,6 +7,7 @@ Every setting is declared once, in `Settings`, with its help text; the README ta
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -30,6 +31,12 @@ class Settings:
     port: int = setting(8080, "Port to listen on.")
     workers: int = setting(1, "Worker processes (`serve --workers`). SQLite works with several; PostgreSQL scales.")
     log_level: str = setting("info", "Log level: debug, info, warning, error.")
+    log_format: str = setting("text", "Log lines as `text` (one line each) or `json` (one object a line, for log "
+                                      "shippers); the same in every worker.")
+    access_log: bool = setting(False, "Log one line per request (method, path without the query, status, "
+                                      "duration, request id, user) at info.")
+    log_content: bool = setting(False, "At debug level, also log memory texts and the text of unreadable "
+                                       "`<memory>` blocks (never at info; credentials never).")
     # Upstream
     upstream: str = setting("https://api.openai.com/v1", "Upstream base URL, exactly as an OpenAI client takes it.")
     upstream_key: str = setting("", "If set, sent upstream as `Authorization: Bearer …` instead of the client's.")
@@ -105,6 +112,11 @@ class Settings:
                                                    "extraction call.")
     extract_queue: int = setting(1000, "Turns waiting for background extraction before new ones are dropped.")
     extract_retries: int = setting(3, "Retries of an extraction call answered 429 or 5xx, with backoff.")
+    metrics_token: str = setting("", "If set, `GET /metrics` also accepts `Authorization: Bearer <metrics_token>`: "
+                                     "a scraper's token that reads metrics and nothing else.")
+    metrics_open: bool = setting(False, "Serve `GET /metrics` to anyone who can reach the port even when "
+                                        "admin_token, proxy_keys or metrics_token is set (a scraper on a private "
+                                        "network).")
     # Conversation memory
     session_history: str = setting("off", "Sessions (`X-Memory-Session` header or `metadata.session_id`): off, "
                                           "store (turns kept and searchable), prepend (the stored turns go in front "
@@ -214,6 +226,21 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
     return settings
 
 
+def misspelt(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One message per `MEMORY_PROXY_*` variable that names no setting, with the likeliest one meant. Reported,
+    not refused: platforms put variables of their own under the prefix (Kubernetes adds `MEMORY_PROXY_SERVICE_HOST`
+    and more for a Service named memory-proxy)."""
+    environ = os.environ if environ is None else environ
+    known = sorted([name.upper() for name in _TYPES] + ["CONFIG"])
+    messages = []
+    for key in sorted(environ):
+        if key.startswith(ENV_PREFIX) and key.removeprefix(ENV_PREFIX) not in known:
+            close = difflib.get_close_matches(key.removeprefix(ENV_PREFIX), known, n=1, cutoff=0.8)
+            hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+            messages.append(f"environment variable {key} is not a memory-proxy setting and is ignored{hint}")
+    return messages
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -265,6 +292,8 @@ def _validate(s: Settings) -> None:
     for name in ("extract_timeout", "extract_coalesce_seconds", "extract_retries"):
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative")
+    if s.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format must be text or json, got {s.log_format!r}")
     _validate_sessions(s)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
+from proxy import metrics
 from proxy.errors import ConfigError, ModelError
 
 Vector = npt.NDArray[np.float32]
@@ -220,12 +221,14 @@ class OnnxEmbedder:
         if not live:
             return
         texts = list(dict.fromkeys(text for request in live for text in request.texts))
+        started = time.perf_counter()
         try:
             vectors = self.encode(texts)
         except Exception as exc:
             for request in live:
                 request.future.set_exception(exc)
             return
+        metrics.embedded(time.perf_counter() - started, len(texts))
         self.cache.put(texts, vectors)
         row_of = {text: row for row, text in enumerate(texts)}
         for request in live:

@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from proxy import logs, metrics
 from proxy.memories import clean_text
 from proxy.models import CATEGORIES, Forget, Hit, NewMemory, Operation
 
@@ -64,9 +65,10 @@ _TRAILING_COMMA = re.compile(r",\s*([\]}])")
 _SHORT_ID = re.compile(r"\[?\s*(m?)\s*(\d+)\s*\]?", re.IGNORECASE)
 
 
-def parse(block: str) -> list[Operation]:
+def parse(block: str, extraction: str = "inline") -> list[Operation]:
     """The operations a block (the text between the tags) asks for. Invalid items are skipped; an unreadable
-    block gives [] and a warning (never its text: it is about a person)."""
+    block gives [], a warning (with the request's id and user; never its text: it is about a person, unless
+    `log_content` shows it at debug) and a count by `extraction` mode (inline or background)."""
     try:
         text = block.strip()[:MAX_BLOCK]
         if not text:
@@ -74,10 +76,13 @@ def parse(block: str) -> list[Operation]:
         found, value = _decode(text)
         if not found:
             log.warning("ignoring a <memory> block of %d characters that is not JSON", len(block))
+            log.debug("the unreadable block: %s", logs.content(block[:2000]))
+            metrics.block_unparseable(extraction)
             return []
         return [op for item in _items(value) for op in _operations(item)]
     except Exception:  # the contract is "never raises": a parser bug must not break a chat
         log.exception("could not parse a <memory> block")
+        metrics.block_unparseable(extraction)
         return []
 
 
@@ -263,9 +268,12 @@ def resolve(asked: Iterable[Operation], aliases: dict[str, str], shown: Sequence
             if real and real not in forgotten:
                 forgotten.add(real)
                 result.append(Forget(real))
+            log.debug("forget %s: %s", op.id, real if real else "ignored, not an id shown in this request")
             continue
         key = normalised(clean_text(op.text, max_chars))
         if not key or key in seen:
+            log.debug("ignoring a memory: %s", "empty" if not key else
+                      "shown in this request, the instruction's placeholder, or given twice")
             continue
         seen.add(key)
         result.append(replace(op, source=source, replaces=aliases.get(op.replaces) if op.replaces else None))

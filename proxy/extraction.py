@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import orjson
 
-from proxy import extract
+from proxy import extract, metrics
 from proxy.egress import Egress
 from proxy.errors import ProxyError
 from proxy.rewrite import render_memories
@@ -132,10 +132,10 @@ class Extractor:
             model = self.model or turns[-1].model
             reply = await self.call(model, turns, shown)
             shown_hits = [hit for hit in hits if hit.memory.id in aliases.values()]
-            operations = extract.resolve(extract.parse(reply), aliases, shown_hits, self.memories.max_chars,
-                                         "background")
+            operations = extract.resolve(extract.parse(reply, extraction="background"), aliases, shown_hits,
+                                         self.memories.max_chars, "background")
             self.stats.operations += len(operations)
-            self.memories.remember(user, operations)
+            self.memories.remember(user, operations, extraction="background")
             log.debug("background extraction: %d turn(s), %d operation(s)", len(turns), len(operations))
         except Exception as exc:
             self.stats.failed += 1
@@ -156,11 +156,12 @@ class Extractor:
             body = orjson.dumps(extract.extraction_request(model, rows, shown, today, json_schema=schema))
             self.stats.calls += 1
             status, data, retry_after = await self.post(headers, body)
+            usage = data.get("usage") if isinstance(data, dict) else None
+            prompt, completion = tokens(usage)
+            self.stats.prompt_tokens += prompt
+            self.stats.completion_tokens += completion
+            metrics.extraction_call(status == 200, prompt, completion)
             if status == 200:
-                usage = data.get("usage") if isinstance(data, dict) else None
-                if isinstance(usage, dict):
-                    self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-                    self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
                 return answer_text(data)
             if status == 400 and schema:  # most likely response_format: ask again without it, and remember
                 self.no_schema.add(model)
@@ -208,6 +209,16 @@ def cut(text: str) -> str:
     """A turn's text for the prompt: at most MAX_SAID characters, the end kept (facts come late in long text)."""
     text = " ".join(text.split())
     return text if len(text) <= MAX_SAID else "…" + text[-MAX_SAID + 1:]
+
+
+def tokens(usage: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens from a chat.completion's `usage`; zeros when it has none."""
+    if not isinstance(usage, dict):
+        return 0, 0
+    try:
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    except (TypeError, ValueError):
+        return 0, 0
 
 
 def answer_text(data: Any) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from proxy import logs
 from proxy.auth import Gate, namespaced
 from proxy.errors import BadRequest, Unauthorized
 from proxy.models import check_user_id
@@ -34,6 +35,7 @@ def identify(request: Request, body: dict[str, Any], header: str, gate: Gate, te
         raise BadRequest(problem, param=param, code="invalid_user")
     if not gate.signed(request, user):
         raise Unauthorized(f"{header} needs a valid X-Memory-User-Signature", code="invalid_signature")
+    logs.identified(namespaced(tenant, user))  # the request's log lines name the user from here on
     return namespaced(tenant, user)
 
 

@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from proxy import logs, metrics
 from proxy.errors import BadRequest, StoreError, StoreUnavailable
 from proxy.models import Forget, Hit, Memory, NewMemory, Operation, category_of
 from proxy.sensitive import mask_contacts, secret_kind
@@ -35,6 +37,12 @@ def clean_text(text: str, max_chars: int) -> str:
     return " ".join(text.split())[:max_chars].strip()
 
 
+def is_new(memory: Memory) -> bool:
+    """Whether a memory the store just wrote is a new one, rather than an update of an older one (a near-duplicate
+    updated in place, or a memory that `replaces` another)."""
+    return memory.created_at == memory.updated_at and memory.supersedes is None
+
+
 @dataclass(frozen=True, slots=True)
 class Cleaning:
     """The one cleaning every write path applies — a chat's <memory> block, the REST API (add, patch, import),
@@ -53,11 +61,11 @@ class Cleaning:
     def item(self, item: NewMemory, param: str = "") -> NewMemory:
         """The item as it is stored. Raises BadRequest (400; `code` secret_refused or contact_refused, `param` the
         field, after `param` when given) when it must not be stored, or when its text is empty once cleaned."""
-        for field, value in (("text", item.text), ("category", item.category)):
+        for name, value in (("text", item.text), ("category", item.category)):
             kind = secret_kind(value) if isinstance(value, str) else None
             if kind:
-                raise BadRequest(f"'{field}' looks like it holds a {kind}; secrets are never stored",
-                                 param=f"{param} {field}".strip(), code="secret_refused")
+                raise BadRequest(f"'{name}' looks like it holds a {kind}; secrets are never stored",
+                                 param=f"{param} {name}".strip(), code="secret_refused")
         text = clean_text(item.text, self.max_chars)
         if self.contact_info != "keep" and text:
             masked, found = mask_contacts(text, self.phone_region)
@@ -74,6 +82,8 @@ class Cleaning:
 class Job:
     user: str
     operations: tuple[Operation, ...]
+    extraction: str = "inline"  # how the operations were found: inline (the answer's block) or background
+    context: logs.RequestContext | None = field(default_factory=logs.current)  # the request, for the log lines
 
 
 class Memories:
@@ -96,12 +106,21 @@ class Memories:
                      min_similarity: float | None = None) -> list[Hit]:
         if not text.strip():
             return []
-        vector = await self.embedder.embed_one(text)
-        return await self.store.search(user, vector, k or self.k,
-                                       self.min_similarity if min_similarity is None else min_similarity)
+        started = time.perf_counter()
+        try:
+            vector = await self.embedder.embed_one(text)
+            hits = await self.store.search(user, vector, k or self.k,
+                                           self.min_similarity if min_similarity is None else min_similarity)
+        finally:  # a recall cut off by its budget counts too, with the time it had
+            metrics.recalled(time.perf_counter() - started)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("recalled %d memories: %s", len(hits), ", ".join(
+                f"{hit.memory.id} ({hit.score:.3f}) {logs.content(hit.memory.text)}" for hit in hits) or "none")
+        return hits
 
-    def clean(self, items: Sequence[NewMemory]) -> list[NewMemory]:
-        """The items to store, as `Cleaning` makes them; those it refuses are left out and logged."""
+    def clean(self, items: Sequence[NewMemory], extraction: str | None = None) -> list[NewMemory]:
+        """The items to store, as `Cleaning` makes them; those it refuses are left out and logged (counted as
+        refused when they came from a chat, whose `extraction` mode is given)."""
         cleaned = []
         for item in items:
             try:
@@ -109,6 +128,10 @@ class Memories:
             except BadRequest as exc:
                 if exc.code:  # refused (a secret, a contact); the message names the field, never the text
                     log.warning("not storing a memory: %s", exc.message)
+                    if extraction:
+                        metrics.memory_operation("refused", extraction)
+                else:
+                    log.debug("ignoring a memory that is empty once cleaned")
         return cleaned
 
     async def add(self, user: str, items: Sequence[NewMemory]) -> list[Memory]:
@@ -125,7 +148,8 @@ class Memories:
         round trip per job would fall behind and fill the queue. Returns the jobs to try again, in order: those
         the store could not take because it is down (StoreUnavailable), with the later jobs of the same users. A
         job that fails otherwise is logged and counted; the others are stored all the same."""
-        batches = [self.clean([op for op in job.operations if isinstance(op, NewMemory)]) for job in jobs]
+        batches = [self.clean([op for op in job.operations if isinstance(op, NewMemory)], job.extraction)
+                   for job in jobs]
         texts = [item.text for batch in batches for item in batch]
         try:
             vectors = await self.embedder.embed(texts) if texts else None
@@ -145,12 +169,21 @@ class Memories:
     async def _store_in_order(self, work: list[tuple[int, Job, list[NewMemory], Vector | None]]) -> list[int]:
         """Store one user's jobs in order; the numbers of those left for later (the store is down)."""
         for position, (_number, job, batch, rows) in enumerate(work):
+            logs.CURRENT.set(job.context)  # this task's own context: the lines below belong to that request
             try:
                 for op in job.operations:
                     if isinstance(op, Forget):
-                        await self.store.forget(job.user, op.id)
+                        forgotten = await self.store.forget(job.user, op.id)
+                        metrics.memory_operation("forgotten", job.extraction, int(forgotten))
+                        log.debug("forgot %s" if forgotten else "ignoring forget of %s: no such memory", op.id)
                 if batch and rows is not None:
-                    await self.store.add(job.user, batch, rows)
+                    stored = await self.store.add(job.user, batch, rows)
+                    added = [memory for memory in stored if is_new(memory)]
+                    metrics.memory_operation("added", job.extraction, len(added))
+                    metrics.memory_operation("updated", job.extraction, len(stored) - len(added))
+                    for memory in stored:
+                        log.debug("%s %s %s", "added" if is_new(memory) else "updated", memory.id,
+                                  logs.content(memory.text))
             except StoreUnavailable as exc:
                 self.down = exc.message
                 return [number for number, *_ in work[position:]]  # this job and the user's later ones wait
@@ -162,19 +195,22 @@ class Memories:
                 log.exception("could not store %d memory operation(s)", len(job.operations))
         return []
 
-    def remember(self, user: str, operations: Sequence[Operation]) -> bool:
+    def remember(self, user: str, operations: Sequence[Operation], extraction: str = "inline") -> bool:
         """Queue operations to apply off the request path; False (counted in `dropped`, and logged) when the queue
-        is full — as it fills while the store is down and the writer holds the writes it cannot make yet."""
+        is full — as it fills while the store is down and the writer holds the writes it cannot make yet.
+        `extraction` (inline or background) says how they were found, for the metrics."""
         if not operations:
             return True
         try:
-            self.queue.put_nowait(Job(user, tuple(operations)))
-            return True
+            self.queue.put_nowait(Job(user, tuple(operations), extraction))
         except asyncio.QueueFull:
             self.dropped += 1
+            metrics.queue_dropped("memories")
             log.warning("memory write queue is full%s: dropped %d operation(s) for a user (%d dropped so far)",
                         " (the store is down)" if self.down else "", len(operations), self.dropped)
             return False
+        metrics.queue_depth("memories", self.queue.qsize())
+        return True
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._work(), name="memory-writer")
@@ -189,6 +225,7 @@ class Memories:
             jobs = waiting or [await self.queue.get()]
             while not waiting and len(jobs) < WRITE_BATCH and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
+            metrics.queue_depth("memories", self.queue.qsize())
             try:
                 waiting = await self.apply_all(jobs)
             finally:

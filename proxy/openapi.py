@@ -2,7 +2,7 @@
 
 For client generators, and for the fuzzer: tests/test_openapi.py points schemathesis at this document and checks
 that nothing it can send gets a 5xx, an undocumented status or a body that breaks the schemas here. Described:
-the management API (/memories/{user}/…, proxy/api.py), /healthz, /readyz, and the request shapes of
+the management API (/memories/{user}/…, proxy/api.py), /healthz, /readyz, /metrics, and the request shapes of
 /v1/chat/completions and /v1/responses, loosely: the rest of /v1 is the upstream's API, passed through, not ours
 to describe.
 Limits in the document (memory text length, messages per request, the user header) come from the settings.
@@ -232,6 +232,12 @@ def document(settings: Settings) -> Schema:
                                                                "unreachable", ready)}}},
         "/openapi.json": {"get": {"summary": "This document",
                                   "responses": {"200": ok("OpenAPI 3.1", {"type": "object"})}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics (text format 0.0.4; OpenMetrics when Accept asks for it)",
+            "responses": {"200": ok("Every memory_proxy_* family, merged across workers", {"type": "string"},
+                                    "text/plain"),
+                          "401": error("The admin token or the metrics token is required")},
+            "security": [{}, {"bearer": []}]}},
         "/v1/chat/completions": {"post": with_memory(
             "Chat with memory: recall, inject, forward, strip the <memory> block, remember", "ChatRequest",
             settings.user_header)},

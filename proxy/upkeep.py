@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy import transcript
+from proxy import metrics, transcript
 from proxy.context import TokenCounter, summary_message
 from proxy.errors import StoreError
 from proxy.store.sessions import NewMessage, Session, SessionStore
@@ -90,8 +90,10 @@ class Upkeep:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
             self.dropped += 1
+            metrics.queue_dropped("sessions")
             log.warning("session write queue is full: a turn was not stored")
             return
+        metrics.queue_depth("sessions", self.queue.qsize())
         self.unwritten[job.user, job.session] = job.done
 
     async def written(self, key: Key, seconds: float) -> None:
@@ -115,9 +117,12 @@ class Upkeep:
     async def write_turns(self) -> None:
         while True:
             job = await self.queue.get()
+            metrics.queue_depth("sessions", self.queue.qsize())
             key = (job.user, job.session)
             try:
                 session = await self.write(job)
+                if session is not None:
+                    metrics.session_turn()
                 if session is not None and (key in self.to_index or len(self.to_index) < self.queue.maxsize):
                     self.to_index[key] = self.to_index.get(key, 0) + 1  # else: caught up with at its next turn
                     self.indexed.clear()

@@ -26,6 +26,7 @@ from proxy.config import Settings
 from proxy.egress import Egress
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.h1 import H1Transport
+from proxy.instrumentation import TimedTransport
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those httpx or the server recompute for each hop.
 HOP_BY_HOP = frozenset({
@@ -109,9 +110,9 @@ class Upstream:
         self.origin = f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
         via = f" through the proxy {self.egress.proxy.origin}" if self.egress.proxy else ""
         self.described = f"the upstream {self.origin}{via}"
-        self.transport = transport or H1Transport(
+        self.transport = TimedTransport(transport or H1Transport(  # metrics: waits and failures
             httpx.Limits(max_connections=settings.max_connections, max_keepalive_connections=settings.max_keepalive),
-            self.egress)
+            self.egress))
         self.check_seconds = settings.upstream_check_seconds
         self.last: tuple[float, str | None] | None = None  # (monotonic time, error or None) of the last exchange
         self.probe: asyncio.Task[None] | None = None

@@ -62,6 +62,14 @@ def proxy(upstream: tuple[FakeUpstream, str], settings_for: Callable[..., Settin
 
 
 @pytest.fixture
+def patient_proxy(upstream: tuple[FakeUpstream, str], settings_for: Callable[..., Settings],
+                  start_proxy: Callable[..., str]) -> str:
+    """The default proxy with a generous recall budget, for tests that count what memory does: on a busy machine
+    a recall over the default 50 ms would answer without memory."""
+    return start_proxy(settings_for(upstream[1], recall_budget_ms=5000))
+
+
+@pytest.fixture
 def client(proxy: str) -> Iterator[openai.OpenAI]:
     """The official OpenAI SDK pointed at the proxy, as an app would be."""
     with openai.OpenAI(base_url=proxy + "/v1", api_key="sk-client", max_retries=0) as sdk:

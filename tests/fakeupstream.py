@@ -47,6 +47,7 @@ class Reply:
     error: dict[str, Any] | None = None
     drop_after: int | None = None  # cut the connection after this many stream chunks
     delay: float = 0.0  # seconds between stream chunks
+    wait: float = 0.0  # seconds before answering at all (a model's time to its first token)
     media_type: str | None = None  # a server that labels its stream (or body) wrongly
     tool_calls: list[dict[str, Any]] | None = None  # the model calls these tools (content null)
     output: Output | None = None  # a Responses API answer: reasoning, message, calls (default: from `text`)
@@ -176,6 +177,7 @@ class FakeUpstream:
             return JSONResponse({"error": {"message": refused, "type": "BadRequestError", "param": None,
                                            "code": 400}}, status_code=400)
         reply = self.replies.popleft() if self.replies else Reply()
+        await asyncio.sleep(reply.wait)
         if reply.status != 200:
             error = reply.error or {"message": "fake error", "type": "rate_limit_error", "param": None,
                                     "code": "rate_limit_exceeded"}

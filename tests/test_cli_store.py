@@ -4,6 +4,7 @@ create a store, and `--tenant` reaches the memories the chat path keeps per tena
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,17 @@ KEY = "pk-acme-0123456789abcdef"
 
 def cli(capsys: pytest.CaptureFixture[str], home: Path, *argv: str,
         env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    code = main(list(argv), environ={"HOME": str(home), **(env or {})})
+    """Run a command in this process, as its own process would: `serve` configures logging for the process, so
+    the logging it found is put back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code = main(list(argv), environ={"HOME": str(home), **(env or {})})
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

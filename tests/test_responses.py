@@ -19,6 +19,7 @@ from tests.fakeupstream import TEMPLATE_ERRORS, FakeUpstream, Recorded, Reply
 from tests.injected import MEMORIES
 from tests.test_blocks import MARK
 from tests.test_chat import memories
+from tests.test_metrics import grew, scrape, settle
 from tests.test_sessions import searched
 from tests.test_transparent import remember
 
@@ -290,6 +291,22 @@ def test_an_answer_past_the_bounds_is_relayed_unfiltered(serve: Serve) -> None:
                           headers=ALICE)
     assert response.status_code == 200 and MARK in response.text  # one event over the cap: relayed as it came
     assert "response.completed" in response.text
+
+
+def test_the_responses_api_is_counted_as_chats_are(serve: Serve) -> None:
+    fake, _, proxy = serve()
+    before = scrape(proxy)
+    fake.reply(Reply(output=Output("Noted." + BLOCK)), "Hi!")
+    made = httpx.post(proxy + "/v1/responses", json={"model": "m", "input": "I'm vegetarian."}, headers=ALICE).json()
+    assert httpx.post(proxy + "/v1/responses", json={"model": "m", "input": "Hi", "stream": True}).status_code == 200
+    assert httpx.get(f"{proxy}/v1/responses/{made['id']}").json()["output"][0]["content"][0]["text"] == "Noted."
+    added = {"operation": "added", "extraction": "inline"}
+    after = settle(proxy, lambda now: grew(before, now, "memory_proxy_memory_operations_total", **added) == 1)
+    assert grew(before, after, "memory_proxy_memory_operations_total", **added) == 1
+    for path, stream in (("memory", "false"), ("chat", "true"), ("passthrough", "false")):
+        assert grew(before, after, "memory_proxy_added_latency_seconds_count", path=path, stream=stream) == 1, path
+    created = {"route": "/v1/responses", "method": "POST", "status": "200"}
+    assert grew(before, after, "memory_proxy_requests_total", **created) == 2
 
 
 def test_azure_clients_get_memory_on_the_responses_api(serve: Serve) -> None:

@@ -41,6 +41,7 @@ from psycopg.adapt import Buffer, Dumper, Loader
 from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from proxy import metrics
 from proxy.errors import StoreError, StoreUnavailable
 from proxy.models import TENANT_SEPARATOR, Hit, Memory, NewMemory
 from proxy.store import Engine, Vector, redact
@@ -105,6 +106,7 @@ class VectorLoader(Loader):
 
 def describe(url: str, exc: Exception) -> StoreError:
     """The fault in one line; StoreUnavailable when it passes (the server is down, restarting or unreachable)."""
+    metrics.store_error("postgres")
     message = str(exc).strip() or type(exc).__name__
     kind = StoreUnavailable if isinstance(exc, PoolTimeout | psycopg.OperationalError) else StoreError
     if isinstance(exc, PoolTimeout):

@@ -46,6 +46,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
+from proxy import metrics
 from proxy.errors import StoreError, StoreUnavailable
 from proxy.models import TENANT_SEPARATOR, Hit, Memory, NewMemory
 from proxy.store import Engine, Vector, successor
@@ -107,6 +108,7 @@ db = sqlite_module()
 
 
 def describe(path: str, exc: Exception, busy_timeout: float) -> StoreError:
+    metrics.store_error("sqlite")
     message = str(exc)
     lowered = message.lower()
     # Faults that pass: the same write succeeds once the lock, the disk or the file is back.
