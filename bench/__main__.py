@@ -2,7 +2,8 @@
 
     python -m bench                              everything (about 10 minutes)
     python -m bench --scale 0.1                  a quick pass, a tenth of the requests and seconds
-    python -m bench --parts latency,throughput   only some parts: latency, throughput, litellm, workers
+    python -m bench --parts latency,throughput   only some parts: latency (chat and Responses API), throughput,
+                                                 litellm, workers
 
 Everything runs on 127.0.0.1: an instant fake upstream (bench/upstream.py), the proxy (`memory-proxy serve`),
 LiteLLM's proxy in its own venv (bench/.venv-litellm, installed on first use). Every load is bounded in time
@@ -126,6 +127,10 @@ def latency_part(args: argparse.Namespace, up: str, proxy: Server, users: dict[i
         rows = latency.passthrough_rows(client, up, proxy.url, args.requests)
         for n, user in sorted((users or {}).items()):
             rows += latency.memory_rows(client, up, proxy.url, args.requests, f"{n:,} memories", user_for(n, user))
+        if users:
+            n = max(users)
+            rows += latency.responses_rows(client, up, proxy.url, args.requests, f"{n:,} memories",
+                                           user_for(n, users[n]))
     report.table("Added latency (concurrency 1)", f"{args.requests} interleaved requests per row (direct, proxied, "
                  "direct, …), times in ms; *added* is proxy minus direct at the same percentile.",
                  latency.HEADER, rows)

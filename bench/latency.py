@@ -31,6 +31,12 @@ def chat_body(i: int, memory: bool, stream: bool) -> bytes:
     return orjson.dumps({"model": "bench", "messages": [{"role": "user", "content": text}], "stream": stream})
 
 
+def responses_body(i: int, memory: bool, stream: bool) -> bytes:
+    """A Responses API request (`POST /v1/responses`) with the same question as chat_body."""
+    text = question(next(ASKED)) if memory else CHAT["messages"][0]["content"]
+    return orjson.dumps({"model": "bench", "input": text, "stream": stream})
+
+
 def timed(client: httpx.Client, method: str, url: str, body: bytes | None = None,
           headers: dict[str, str] | None = None) -> Timing:
     start = time.perf_counter()
@@ -46,13 +52,15 @@ def get(client: httpx.Client, url: str) -> Call:
     return lambda i: timed(client, "GET", url)
 
 
-def chat(client: httpx.Client, url: str, *, stream: bool, user: Callable[[int], str] | None = None) -> Call:
-    """POST a chat; with `user`, as that user (the memory path) and with a new question each time."""
+def chat(client: httpx.Client, url: str, *, stream: bool, user: Callable[[int], str] | None = None,
+         body: Callable[[int, bool, bool], bytes] = chat_body) -> Call:
+    """POST a chat (or, with `body=responses_body`, a Responses API call); with `user`, as that user (the memory
+    path) and with a new question each time."""
     def call(i: int) -> Timing:
         headers = {"content-type": "application/json"}
         if user:
             headers["x-memory-user"] = user(i)
-        return timed(client, "POST", url, chat_body(i, user is not None, stream), headers)
+        return timed(client, "POST", url, body(i, user is not None, stream), headers)
     return call
 
 
@@ -113,4 +121,18 @@ def memory_rows(client: httpx.Client, upstream: str, proxy: str, n: int, label: 
         samples = interleave(chat(client, upstream + "/chat/completions", stream=stream, user=user),
                              chat(client, proxy + "/chat/completions", stream=stream, user=user), n, min(50, n))
         out += rows(f"memory, {label}" + (" (stream)" if stream else ""), samples, stream)
+    return out
+
+
+def responses_rows(client: httpx.Client, upstream: str, proxy: str, n: int, label: str,
+                   user: Callable[[int], str]) -> list[list[object]]:
+    """`POST /v1/responses`: without a user (forwarded as it came), and on the memory path (recall, inject, the
+    Responses stream filter, store)."""
+    out = []
+    for who, name in ((None, "Responses API, no user"), (user, f"Responses API, memory, {label}")):
+        for stream in (False, True):
+            samples = interleave(chat(client, upstream + "/responses", stream=stream, user=who, body=responses_body),
+                                 chat(client, proxy + "/responses", stream=stream, user=who, body=responses_body),
+                                 n, min(50, n))
+            out += rows(name + (" (stream)" if stream else ""), samples, stream)
     return out

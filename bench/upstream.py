@@ -1,8 +1,9 @@
 """An upstream that answers instantly, so a benchmark measures only the proxy.
 
 Raw ASGI (no framework) to keep its own cost near zero. `python -m bench.upstream PORT` serves it on 127.0.0.1.
-Chat completions answer with `ANSWER` (plus a `<memory>` block when the request carries the proxy's instruction,
-so the memory path does its whole job), as JSON or as SSE when the request says `"stream": true`.
+Chat completions and Responses API calls (`/responses`) answer with `ANSWER` (plus a `<memory>` block when the
+request carries the proxy's instruction, so the memory path does its whole job), as JSON or as SSE when the request
+says `"stream": true`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,38 @@ def deltas_events(model: str, deltas: list[str]) -> list[bytes]:
             chunk({}, "stop"), b"data: [DONE]\n\n"]
 
 
+def response_object(model: str, text: str, status: str = "completed") -> dict[str, Any]:
+    """A Responses API `response` with one message (as OpenAI sends it, fields trimmed to what clients read)."""
+    output = [{"id": "msg_bench", "type": "message", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}]
+    return {"id": "resp_bench", "object": "response", "created_at": CREATED, "status": status, "model": model,
+            "output": output if status == "completed" else [], "error": None, "incomplete_details": None,
+            "usage": {"input_tokens": 20, "output_tokens": 40, "total_tokens": 60} if status == "completed" else None}
+
+
+def response_events(model: str, text: str) -> list[bytes]:
+    """The event sequence of a streamed Responses API answer, one text delta per word."""
+    where = {"item_id": "msg_bench", "output_index": 0}
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    words = text.split(" ")
+    sequence: list[dict[str, Any]] = [
+        {"type": "response.created", "response": response_object(model, text, "in_progress")},
+        {"type": "response.in_progress", "response": response_object(model, text, "in_progress")},
+        {"type": "response.output_item.added", "output_index": 0, "item": {
+            "id": "msg_bench", "type": "message", "status": "in_progress", "role": "assistant", "content": []}},
+        {"type": "response.content_part.added", **where, "content_index": 0, "part": part},
+        *({"type": "response.output_text.delta", **where, "content_index": 0, "logprobs": [],
+           "delta": w + (" " if i < len(words) - 1 else "")} for i, w in enumerate(words)),
+        {"type": "response.output_text.done", **where, "content_index": 0, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **where, "content_index": 0, "part": {**part, "text": text}},
+        {"type": "response.output_item.done", "output_index": 0,
+         "item": response_object(model, text)["output"][0]},
+        {"type": "response.completed", "response": response_object(model, text)},
+    ]
+    return [b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps({**e, "sequence_number": n}))
+            for n, e in enumerate(sequence)]
+
+
 # Models whose answers are pathological for a block filter: a model stuck in a loop, and the like.
 PATHOLOGICAL = {"newlines": ["\n"] * 20_000, "angles": ["a<b "] * 20_000, "backticks": ["`x` "] * 20_000}
 
@@ -58,6 +91,13 @@ async def read_body(receive: Any) -> bytes:
             return body
 
 
+async def stream(send: Any, events: list[bytes]) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for event in events:
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         while True:
@@ -68,17 +108,21 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     body = await read_body(receive)
-    if scope["path"].endswith("/chat/completions"):
+    if scope["path"].endswith("/responses"):
+        request = orjson.loads(body)
+        text = ANSWER + (BLOCK if b"<memory>" in body else "")
+        model = request.get("model", "m")
+        if request.get("stream"):
+            await stream(send, response_events(model, text))
+            return
+        payload = orjson.dumps(response_object(model, text))
+    elif scope["path"].endswith("/chat/completions"):
         request = orjson.loads(body)
         text = ANSWER + (BLOCK if b"<memory>" in body else "")
         if request.get("stream"):
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")]})
             model = request.get("model", "m")
-            events = deltas_events(model, PATHOLOGICAL[model]) if model in PATHOLOGICAL else stream_events(model, text)
-            for event in events:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            await stream(send, deltas_events(model, PATHOLOGICAL[model]) if model in PATHOLOGICAL
+                         else stream_events(model, text))
             return
         payload = completion(request.get("model", "m"), text)
     else:

@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import api, chat, config, health, inspector, logs, metrics, openapi, sessions_api, users_api
+from proxy import api, chat, config, health, inspector, logs, metrics, openapi, responses, sessions_api, users_api
 from proxy.auth import Gate
+from proxy.chains import Chains
 from proxy.config import Settings
 from proxy.egress import Egress
 from proxy.embed import Embedder
@@ -80,6 +81,10 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         # Azure OpenAI clients: /openai/deployments/... (its classic routes), or /v1/deployments/... (base_url /v1)
         Route("/openai/deployments/{deployment}/chat/completions", chat.chat_completions, methods=["POST"]),
         Route("/v1/deployments/{deployment}/chat/completions", chat.chat_completions, methods=["POST"]),
+        Route("/v1/responses", responses.create_response, methods=["POST"]),
+        Route("/openai/responses", responses.create_response, methods=["POST"]),  # Azure OpenAI
+        Route("/openai/v1/responses", responses.create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses.retrieve_response, methods=["GET"]),
         *api.routes,
         *sessions_api.routes,
         *users_api.routes,
@@ -95,6 +100,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     })
     app.state.settings = settings
     app.state.gate = gate
+    app.state.chains = Chains()
     return app
 
 

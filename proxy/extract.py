@@ -221,12 +221,15 @@ questions or requests themselves.
 true, add {"forget": its id}.
 - A fact already among the memories shown, or nothing durable: nothing to add.
 
-Answer with JSON only, in this form: {"memories": [{"text": "...", "category": "fact", "replaces": null}]}, \
+- happened_at: for an event, when it happened (YYYY-MM-DD, or YYYY-MM, or YYYY as precise as said), else null.
+
+Answer with JSON only, in this form: \
+{"memories": [{"text": "...", "category": "fact", "replaces": null, "happened_at": null}]}, \
 or {"memories": []} when there is nothing to store."""
 
-_ADD = {"type": "object", "additionalProperties": False, "required": ["text", "category", "replaces"],
+_ADD = {"type": "object", "additionalProperties": False, "required": ["text", "category", "replaces", "happened_at"],
         "properties": {"text": {"type": "string"}, "category": {"type": "string", "enum": list(CATEGORIES)},
-                       "replaces": {"type": ["string", "null"]}}}
+                       "replaces": {"type": ["string", "null"]}, "happened_at": {"type": ["string", "null"]}}}
 _FORGET = {"type": "object", "additionalProperties": False, "required": ["forget"],
            "properties": {"forget": {"type": "string"}}}
 # OpenAI's structured outputs (strict: every property required, no others), which vLLM and llama.cpp accept too.

@@ -26,6 +26,7 @@ from proxy.logs import CURRENT, RequestContext, request_id
 access = logging.getLogger("memory_proxy.access")
 REQUEST_ID_HEADER = b"x-memory-request-id"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+PASSED = ("/v1/{path:path}", "/v1/responses/{response_id}")  # /v1 routes that are no model call
 FAIL_OPEN_REASONS = 32  # distinct x-memory-error values counted; more would be a bug, not a label set to grow
 _reasons: set[str] = set()
 
@@ -88,7 +89,7 @@ class Instrumentation:
         metrics.request_answered(template, method, status)
         if template.startswith("/v1/"):
             memory = b"x-memory-recalled" in head
-            path = "memory" if memory else "passthrough" if template == "/v1/{path:path}" else "chat"
+            path = "memory" if memory else "passthrough" if template in PASSED else "chat"
             stream = head.get(b"content-type", b"").startswith(b"text/event-stream")
             end = first_byte if first_byte is not None else time.perf_counter()
             metrics.added_latency(path, stream, end - started - (waited if first_byte is not None

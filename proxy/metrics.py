@@ -47,7 +47,7 @@ ADDED_LATENCY = Histogram(
     "memory_proxy_added_latency_seconds",
     "Time the proxy added before the first byte of a /v1 answer: from the request's arrival to the first body "
     "byte sent, less the time spent waiting on the upstream. path: passthrough (other /v1 calls), chat (chat "
-    "without memory), memory (the memory path); stream: whether the answer was an event stream.",
+    "or Responses API call without memory), memory (the memory path); stream: whether the answer was an event stream.",
     ["path", "stream"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 RECALL_LATENCY = Histogram(
     "memory_proxy_recall_duration_seconds", "Time to recall a user's memories (embed the question, search); "

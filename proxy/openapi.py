@@ -2,8 +2,9 @@
 
 For client generators, and for the fuzzer: tests/test_openapi.py points schemathesis at this document and checks
 that nothing it can send gets a 5xx, an undocumented status or a body that breaks the schemas here. Described:
-the management API (/memories/{user}/…, proxy/api.py), /healthz, /readyz, /metrics, and the request shape of
-/v1/chat/completions, loosely: the rest of /v1 is the upstream's API, passed through, not ours to describe.
+the management API (/memories/{user}/…, proxy/api.py), /healthz, /readyz, /metrics, and the request shapes of
+/v1/chat/completions and /v1/responses, loosely: the rest of /v1 is the upstream's API, passed through, not ours
+to describe.
 Limits in the document (memory text length, messages per request, the user header) come from the settings.
 """
 
@@ -71,6 +72,10 @@ def schemas(settings: Settings) -> dict[str, Schema]:
                      "expires_at": nullable("number"), "supersedes": nullable("string"),
                      "superseded_by": nullable("string"), "happened_at": nullable("string"),
                      "valid_until": nullable("number")}
+    end_user = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": USER_PATTERN,
+                "description": "Names the end user when the user header does not."}
+    session_name = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": USER_PATTERN,
+                    "description": "The conversation this turn belongs to (sessions are named after it)."}
     return {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {
             "type": "object", "required": ["message", "type", "param", "code"],
@@ -106,10 +111,36 @@ def schemas(settings: Settings) -> dict[str, Schema]:
             "description": "An OpenAI chat completion request; fields not listed here go upstream as they came.",
             "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"},
                            "messages": {"type": "array", "maxItems": settings.max_messages, "items": ref("Message")},
-                           "user": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID,
-                                    "pattern": USER_PATTERN, "description": "Names the end user when the "
-                                                                            "user header does not."}}},
+                           "user": end_user}},
+        "ResponseRequest": {
+            "type": "object", "required": ["model"],
+            "description": "An OpenAI Responses API request; fields not listed here go upstream as they came.",
+            "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"},
+                           "input": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": settings.max_messages,
+                                                                    "items": {"type": "object"}}]},
+                           "instructions": {"type": ["string", "null"]},
+                           "previous_response_id": session_name, "conversation": session_name, "user": end_user}},
     }
+
+
+def with_memory(summary: str, request: str, user_header: str) -> Schema:
+    """A model call on the memory path: the user header, the request's schema, the answers it can have."""
+    return {
+        "summary": summary,
+        "parameters": [{"name": user_header, "in": "header", "required": False,
+                        "description": "The end user (else the body's user; neither: forwarded untouched)",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID,
+                                   "pattern": r"^[\u0020-\u007e]+$"}}],
+        "requestBody": {"required": True, "content": json_content(ref(request))},
+        "responses": {
+            "200": {"description": "The upstream's answer without the block: JSON, or SSE when streamed",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": SSE_EVENT}}},
+            "400": error("Malformed request or user id"), "401": error("A proxy key is required"),
+            "413": error("The body is over max_body_bytes"),
+            "502": error("The upstream could not be reached"), "504": error("The upstream did not answer in time"),
+            "default": error("An error the upstream answered, passed on unchanged")},
+        "security": [{}, {"bearer": []}]}
 
 
 def user_param() -> Schema:
@@ -213,22 +244,12 @@ def document(settings: Settings) -> Schema:
                                     "text/plain"),
                           "401": error("The admin token or the metrics token is required")},
             "security": [{}, {"bearer": []}]}},
-        "/v1/chat/completions": {"post": {
-            "summary": "Chat with memory: recall, inject, forward, strip the <memory> block, remember",
-            "parameters": [{"name": settings.user_header, "in": "header", "required": False,
-                            "description": "The end user (else the body's user; neither: forwarded untouched)",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID,
-                                       "pattern": r"^[\u0020-\u007e]+$"}}],
-            "requestBody": {"required": True, "content": json_content(ref("ChatRequest"))},
-            "responses": {
-                "200": {"description": "The upstream's answer without the block: JSON, or SSE when streamed",
-                        "content": {"application/json": {"schema": {"type": "object"}},
-                                    "text/event-stream": {"schema": SSE_EVENT}}},
-                "400": error("Malformed request or user id"), "401": error("A proxy key is required"),
-                "413": error("The body is over max_body_bytes"),
-                "502": error("The upstream could not be reached"), "504": error("The upstream did not answer in time"),
-                "default": error("An error the upstream answered, passed on unchanged")},
-            "security": [{}, {"bearer": []}]}},
+        "/v1/chat/completions": {"post": with_memory(
+            "Chat with memory: recall, inject, forward, strip the <memory> block, remember", "ChatRequest",
+            settings.user_header)},
+        "/v1/responses": {"post": with_memory(
+            "The Responses API with memory: recall, inject, forward, strip the <memory> block from every event, "
+            "remember", "ResponseRequest", settings.user_header)},
         "/memories/{user}": {
             "get": memory_operation("List the user's memories", listed, params=[
                 query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST}, "At most this many"),

@@ -122,14 +122,15 @@ def no_block_reason(body: dict[str, Any]) -> str:
 
 def forced_tool(choice: Any) -> bool:
     """`tool_choice` "required", a named function or custom tool, or allowed_tools in required mode; the legacy
-    `function_call` naming a function."""
+    `function_call` naming a function. The Responses API's forms too: a named function, custom or MCP tool, a
+    hosted tool (`{"type": "web_search_preview"}`...) and allowed_tools with its `mode` at the top."""
     if choice == "required":
         return True
     if not isinstance(choice, dict):
         return False
     if choice.get("type") == "allowed_tools":
         allowed = choice.get("allowed_tools")
-        return isinstance(allowed, dict) and allowed.get("mode") == "required"
+        return (allowed if isinstance(allowed, dict) else choice).get("mode") == "required"
     return True  # {"type": "function", "function": {"name": ...}}, {"type": "custom", ...}, {"name": ...}
 
 

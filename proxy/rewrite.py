@@ -129,11 +129,13 @@ def rewrite(body: dict[str, Any], hits: Sequence[Hit], plan: Plan, *, instructio
     return {**body, "messages": messages}, aliases
 
 
-def with_text(message: dict[str, Any], before: Sequence[str], after: Sequence[str]) -> dict[str, Any]:
-    """The message with paragraphs added before and after its content (a string, or a list of parts)."""
+def with_text(message: dict[str, Any], before: Sequence[str], after: Sequence[str], part: str = "text"
+              ) -> dict[str, Any]:
+    """The message with paragraphs added before and after its content (a string, or a list of parts, to which
+    parts of type `part` are added: `text` in chat, `input_text` in the Responses API)."""
     content = message.get("content")
     if isinstance(content, list):
-        parts = [{"type": "text", "text": text} for text in before] + copy.copy(content)
-        return {**message, "content": parts + [{"type": "text", "text": text} for text in after]}
+        parts = [{"type": part, "text": text} for text in before] + copy.copy(content)
+        return {**message, "content": parts + [{"type": part, "text": text} for text in after]}
     text = content if isinstance(content, str) else ""
     return {**message, "content": "\n\n".join([*before, *([text] if text else []), *after])}

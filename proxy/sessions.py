@@ -96,14 +96,17 @@ class Sessions:
 
     # --- the request path ---------------------------------------------------------------------------------------
 
-    def begin(self, request: Request, body: dict[str, Any], user: str) -> Turn | None:
-        """The turn of the session the request names, or None when sessions are off or none is named."""
+    def begin(self, request: Request, body: dict[str, Any], user: str, *, name: str | None = None,
+              messages: list[Any] | None = None) -> Turn | None:
+        """The turn of the session the request names, or None when sessions are off or none is named. The
+        Responses API gives the `name` (proxy/chains.py; "" until the response's id names it) and its input as
+        chat `messages`."""
         if self.upkeep is not None:
             self.upkeep.last_chat = time.monotonic()  # background embedding waits for a quiet moment
-        name = None if self.mode == "off" else session_id(request, body)
+        name = None if self.mode == "off" else session_id(request, body) if name is None else name
         if name is None:
             return None
-        return Turn(user, name, body["messages"], credentials(request.headers.raw))
+        return Turn(user, name, body["messages"] if messages is None else messages, credentials(request.headers.raw))
 
     async def prepend(self, turn: Turn | None, body: dict[str, Any]) -> dict[str, Any]:
         """Prepend mode: the session's stored messages (those the summary does not cover) after the client's
@@ -179,7 +182,7 @@ class Sessions:
 
     def record(self, turn: Turn | None, answer: bytes) -> None:
         """Queue the turn (the client's new messages and the answer it saw) to be stored off the request path."""
-        if turn is not None and self.upkeep is not None:
+        if turn is not None and turn.session and self.upkeep is not None:
             self.upkeep.put(Job(turn.user, turn.session, turn.messages, answer, turn.credentials, asyncio.Event()))
 
     # --- the management API ---------------------------------------------------------------------------------------

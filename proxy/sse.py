@@ -85,6 +85,15 @@ class SSEDecoder:
         self._dispatch(events)
         return events
 
+    def release(self) -> bytes:
+        """Stop decoding now (the caller relays the rest as it comes): the bytes taken in but not yet decoded
+        into whole events, as spill() gives them after an overflow."""
+        if not self.overflowed:
+            partial = "".join(self._partial)
+            self._partial.clear()
+            self._overflow(partial, repeats_last_line=False)
+        return self.spill()
+
     def spill(self) -> bytes:
         """After an overflow: the event being read (its lines so far) and the undecoded rest of the last chunk."""
         pending = self._utf8.getstate()[0]

@@ -15,6 +15,7 @@ import orjson
 
 from proxy.blocks import BlockFilter
 from proxy.context import is_system
+from proxy.responses_output import texts
 from proxy.rewrite import message_text
 from proxy.sse import SSEDecoder
 from proxy.store.sessions import Message, NewChunk
@@ -73,11 +74,13 @@ def visible(text: str) -> str:
 
 def answer(raw: bytes) -> dict[str, Any] | None:
     """The first choice's assistant message as the client saw it (no `<memory>` block), from a chat.completion
-    body or its SSE stream; None when there is none."""
+    body or its SSE stream, or a Responses API response or stream; None when there is none."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return streamed_answer(raw)
+    if isinstance(body, dict) and body.get("object") == "response":
+        return response_answer(body)
     choices = body.get("choices") if isinstance(body, dict) else None
     first = choices[0] if isinstance(choices, list) and choices else None
     message = first.get("message") if isinstance(first, dict) else None
@@ -101,6 +104,10 @@ def streamed_answer(raw: bytes) -> dict[str, Any] | None:
             chunk = orjson.loads(event.data)
         except orjson.JSONDecodeError:
             continue
+        if isinstance(chunk, dict) and chunk.get("type") in ("response.completed", "response.incomplete"):
+            return response_answer(chunk.get("response"))
+        if isinstance(chunk, dict) and chunk.get("type") == "response.output_text.delta":  # cut off: the deltas
+            text.append(str(chunk.get("delta")))
         choices = chunk.get("choices") if isinstance(chunk, dict) else None
         for choice in choices if isinstance(choices, list) else ():
             delta = choice.get("delta") if isinstance(choice, dict) and choice.get("index", 0) == 0 else None
@@ -113,6 +120,20 @@ def streamed_answer(raw: bytes) -> dict[str, Any] | None:
     result: dict[str, Any] = {"role": "assistant", "content": visible("".join(text)) or None}
     if calls:
         result["tool_calls"] = [calls[index] for index in sorted(calls)]
+    return result if result["content"] or calls else None
+
+
+def response_answer(response: Any) -> dict[str, Any] | None:
+    """A Responses API response's output as one assistant message: its text, its function calls."""
+    output = response.get("output") if isinstance(response, dict) else None
+    if not isinstance(output, list):
+        return None
+    calls = [{"id": item.get("call_id"), "type": "function", "function": {
+        "name": item.get("name"), "arguments": item.get("arguments")}}
+        for item in output if isinstance(item, dict) and item.get("type") == "function_call"]
+    result: dict[str, Any] = {"role": "assistant", "content": "".join(visible(text) for text in texts(output)) or None}
+    if calls:
+        result["tool_calls"] = calls
     return result if result["content"] or calls else None
 
 

@@ -74,3 +74,15 @@ def client(proxy: str) -> Iterator[openai.OpenAI]:
     """The official OpenAI SDK pointed at the proxy, as an app would be."""
     with openai.OpenAI(base_url=proxy + "/v1", api_key="sk-client", max_retries=0) as sdk:
         yield sdk
+
+
+@pytest.fixture
+def serve(settings_for: Callable[..., Settings], start_proxy: Callable[..., str]
+          ) -> Iterator[Callable[..., tuple[FakeUpstream, str, str]]]:
+    """Start a fake upstream (with a chat template's rules) and a proxy in front of it: (fake, its URL, proxy)."""
+    with ExitStack() as stack:
+        def start(template: str | None = None, **settings: Any) -> tuple[FakeUpstream, str, str]:
+            fake = FakeUpstream(template)
+            url = stack.enter_context(running(fake.app)) + "/v1"
+            return fake, url, start_proxy(settings_for(url, **settings))
+        yield start

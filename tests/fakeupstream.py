@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.extract import EXTRACTION_PROMPT
+from tests.fakeresponses import Output, ResponsesAPI
 
 CREATED = 1_700_000_000  # fixed, so two answers to the same request are byte-identical
 
@@ -49,6 +50,8 @@ class Reply:
     wait: float = 0.0  # seconds before answering at all (a model's time to its first token)
     media_type: str | None = None  # a server that labels its stream (or body) wrongly
     tool_calls: list[dict[str, Any]] | None = None  # the model calls these tools (content null)
+    output: Output | None = None  # a Responses API answer: reasoning, message, calls (default: from `text`)
+    split_seed: int | None = None  # Responses API: the body sent in pieces cut at random bytes
 
 
 # What real chat templates say when a request's role layout does not fit them (vLLM / llama.cpp / Ollama
@@ -77,12 +80,17 @@ class FakeUpstream:
         self.streams_open = 0
         self.streams_closed = 0
         self.sent_at: list[float] = []  # when each content chunk of a stream was sent (time.monotonic())
+        self.responses_api = ResponsesAPI(self)
         self.app = Starlette(routes=[
             Route("/v1/models", self.models),
             Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/openai/deployments/{deployment}/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/deployments/{deployment}/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/responses", self.responses_api.create, methods=["POST"]),
+            Route("/openai/responses", self.responses_api.create, methods=["POST"]),
+            Route("/openai/v1/responses", self.responses_api.create, methods=["POST"]),
+            Route("/v1/responses/{rid}", self.responses_api.retrieve, methods=["GET"]),
             Route("/v1/slow", self.slow),
             Route("/v1/{path:path}", self.echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ])
@@ -100,6 +108,11 @@ class FakeUpstream:
     def chats(self) -> list[Recorded]:
         """The chat requests, background extraction calls left out."""
         return [r for r in self.requests if r.path.endswith("/chat/completions") and not is_extraction(r.json())]
+
+    @property
+    def responses(self) -> list[Recorded]:
+        """The Responses API requests (`POST /v1/responses`)."""
+        return [r for r in self.requests if r.method == "POST" and r.path.endswith("/responses")]
 
     @property
     def extractions(self) -> list[Recorded]:

@@ -76,9 +76,9 @@ def test_the_document_is_served_and_names_every_route(proxy: str) -> None:
     served = httpx.get(proxy + "/openapi.json").json()
     assert served == orjson.loads(orjson.dumps(document(SETTINGS)))  # what the fuzzer below was built from
     assert served["openapi"] == "3.1.0"
-    assert {"/healthz", "/readyz", "/metrics", "/v1/chat/completions", "/memories/{user}", "/memories/{user}/search",
-            "/memories/{user}/export", "/memories/{user}/import", "/memories/{user}/{id}", "/sessions/{user}",
-            "/sessions/{user}/{session}"} <= set(served["paths"])
+    assert {"/healthz", "/readyz", "/metrics", "/v1/chat/completions", "/v1/responses", "/memories/{user}",
+            "/memories/{user}/search", "/memories/{user}/export", "/memories/{user}/import", "/memories/{user}/{id}",
+            "/sessions/{user}", "/sessions/{user}/{session}"} <= set(served["paths"])
 
 
 @schema.parametrize()

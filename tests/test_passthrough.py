@@ -92,7 +92,7 @@ def test_percent_encoded_path_is_kept(proxy: str, upstream: Upstream) -> None:
 def test_header_hygiene(proxy: str, upstream: Upstream) -> None:
     headers = {"authorization": "Bearer sk-client", "x-memory-user": "alice", "X-Memory-Session": "s1",
                "connection": "keep-alive, x-hop", "x-hop": "1", "x-custom": "kept", "openai-organization": "org"}
-    seen = httpx.post(proxy + "/v1/responses", json={"a": 1}, headers=headers).json()["headers"]
+    seen = httpx.post(proxy + "/v1/batches", json={"a": 1}, headers=headers).json()["headers"]
     assert seen["authorization"] == "Bearer sk-client"
     assert seen["x-custom"] == "kept" and seen["openai-organization"] == "org"
     assert not [h for h in seen if h.startswith("x-memory-")]

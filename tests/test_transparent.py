@@ -8,20 +8,17 @@ that refuse role layouts, SSE labelled as JSON, Azure's routes.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from proxy.config import Settings
 from proxy.extract import INSTRUCTION
 from tests.fakeupstream import TEMPLATE_ERRORS, FakeUpstream, Reply
 from tests.injected import client_text, instruction_sent, memories_sent, text_of
-from tests.servers import running
 
 SCHEMA = {"type": "json_schema", "json_schema": {"name": "domain", "strict": True, "schema": {
     "type": "object", "properties": {"elements": {"type": "array", "items": {"type": "string"}}},
@@ -30,18 +27,6 @@ JSON_ANSWER = '{"elements": ["<domain>", "<name>", "<memory>", "<vcpu>"]}'
 TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Porto"}'}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
-
-
-@pytest.fixture
-def serve(settings_for: Callable[..., Settings], start_proxy: Callable[..., str]
-          ) -> Iterator[Callable[..., tuple[FakeUpstream, str, str]]]:
-    """Start a fake upstream (with a chat template's rules) and a proxy in front of it: (fake, its URL, proxy)."""
-    with contextlib.ExitStack() as stack:
-        def start(template: str | None = None, **settings: Any) -> tuple[FakeUpstream, str, str]:
-            fake = FakeUpstream(template)
-            url = stack.enter_context(running(fake.app)) + "/v1"
-            return fake, url, start_proxy(settings_for(url, **settings))
-        yield start
 
 
 def sdk(base: str) -> openai.OpenAI:
