@@ -12,7 +12,7 @@ it, and nothing is stored.
 
 from __future__ import annotations
 
-import math
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -47,6 +47,9 @@ def parse_lines(body: bytes) -> list[Any]:
     return items
 
 
+LATEST = 253402300799  # 9999-12-31T23:59:59Z, the last second a datetime (and the prompt's dates) can hold
+
+
 def restored(item: dict[str, Any], user: str, max_chars: int, where: str, cleaning: Cleaning) -> Memory:
     """The exported line `item` as the user's memory, fields checked (BadRequest naming `where` and the field)."""
     def fail(field: str, why: str) -> BadRequest:
@@ -63,8 +66,9 @@ def restored(item: dict[str, Any], user: str, max_chars: int, where: str, cleani
         value = item.get(name, default)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise fail(name, "must be a time in seconds since the epoch")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= LATEST:
+            # a time in milliseconds (as many exporters write it) lands past year 9999, which no date can show
+            raise fail(name, "must be a time in seconds since the epoch, at most 253402300799 (9999-12-31)")
         return float(value)
 
     def link(name: str) -> str | None:
@@ -99,17 +103,22 @@ async def restore(memories: Memories, user: str, items: list[Any],
                   new_memory: Callable[[Any, str], NewMemory]) -> list[tuple[Memory, Status]]:
     """Import `items` (parsed lines) for the store's `user`; `new_memory(item, where)` reads a line without an id
     (proxy/api.py's reader, so both paths check alike). Returns each memory with what happened to it."""
-    kept: list[Memory] = []
-    added: list[NewMemory] = []
-    for number, item in enumerate(items, start=1):
-        where = f"item {number}"
-        if isinstance(item, dict) and "id" in item:
-            kept.append(restored(item, user, memories.max_chars, where, memories.cleaning))
-        else:
-            try:
-                added.append(replace(new_memory(item, where), source="import"))
-            except BadRequest as exc:
-                raise BadRequest(f"{where}: {exc.message}", param=exc.param, code=exc.code) from None
+    def read() -> tuple[list[Memory], list[NewMemory]]:
+        kept: list[Memory] = []
+        added: list[NewMemory] = []
+        for number, item in enumerate(items, start=1):
+            where = f"item {number}"
+            if isinstance(item, dict) and "id" in item:
+                kept.append(restored(item, user, memories.max_chars, where, memories.cleaning))
+            else:
+                try:
+                    added.append(replace(new_memory(item, where), source="import"))
+                except BadRequest as exc:
+                    raise BadRequest(f"{where}: {exc.message}", param=exc.param, code=exc.code) from None
+        return kept, added
+
+    # ~0.25 ms an item (the secret scan above all): thousands of lines must not hold the event loop
+    kept, added = await asyncio.to_thread(read)
     out: list[tuple[Memory, Status]] = []
     if kept:
         out += await put_back(memories, user, kept)

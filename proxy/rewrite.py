@@ -69,7 +69,10 @@ def memory_date(memory: Memory) -> str:
     when = happened_at(memory.happened_at)  # checked again: a stored field reaches the prompt only as data
     if when:
         return f"happened {when}"
-    return f"noted {datetime.fromtimestamp(memory.created_at, UTC).date().isoformat()}"
+    try:
+        return f"noted {datetime.fromtimestamp(memory.created_at, UTC).date().isoformat()}"
+    except (ValueError, OverflowError, OSError):  # a row no write path of ours makes: shown undated, never a 500
+        return "undated"
 
 
 def render_memories(hits: Sequence[Hit], max_chars: int, excerpts: Sequence[str] = (),
