@@ -101,6 +101,7 @@ class NewMemory:
     ttl_seconds: float | None = None
     replaces: str | None = None
     happened_at: str | None = None  # ISO 8601 date or date-time, as precise as the user said it
+    keep_category: bool = False  # no category was given: a near-duplicate it updates keeps its own
 
 
 @dataclass(frozen=True, slots=True)

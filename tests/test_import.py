@@ -54,6 +54,9 @@ def test_post_says_created_or_updated(api: str) -> None:
     assert mixed.status_code == 201 and statuses(mixed) == ["updated", "created", "updated"]
     assert mixed.json()["data"][1]["id"] == mixed.json()["data"][2]["id"]
     assert len(httpx.get(f"{api}/memories/bob").json()["data"]) == 2
+    liked = httpx.post(f"{api}/memories/bob", json={"text": "Bob likes jazz", "category": "likes"}).json()["data"][0]
+    again = httpx.post(f"{api}/memories/bob", json={"text": "Bob likes jazz."}).json()["data"][0]
+    assert (again["id"], again["status"], again["category"]) == (liked["id"], "updated", "preference")  # kept
 
 
 def test_import_keeps_ids_dates_expiry_and_history_and_twice_changes_nothing(api: str) -> None:
@@ -96,6 +99,9 @@ def test_lines_without_an_id_are_added_like_post(api: str) -> None:
     ({"id": NEW, "text": "x", "created_at": "yesterday"}, "created_at"),
     ({"id": NEW, "text": "x", "updated_at": -5}, "updated_at"),
     ({"id": NEW, "text": "x", "expires_at": -1}, "expires_at"),
+    ({"id": NEW, "text": "x", "created_at": 1_764_553_600_000}, "created_at"),  # milliseconds: year 57886
+    ({"id": NEW, "text": "x", "updated_at": 1e300}, "updated_at"),
+    ({"id": NEW, "text": "x", "valid_until": 253_402_300_800}, "valid_until"),  # one second past 9999
     ({"id": NEW, "text": "x", "superseded_by": "m1"}, "superseded_by"),
     ({"id": NEW, "text": "x", "happened_at": "last spring"}, "happened_at"),
     ({"id": NEW, "text": "x", "valid_until": "never"}, "valid_until"),
@@ -138,3 +144,31 @@ def test_an_exported_line_is_cleaned_like_every_write(api: str) -> None:
     assert httpx.post(f"{api}/memories/kim/import", content=jsonl([evil])).status_code in (200, 201)
     [stored] = httpx.get(f"{api}/memories/kim").json()["data"]
     assert (stored["id"], stored["text"], stored["category"]) == (NEW, "Dan lives in Porto", "fact")
+
+
+def test_a_long_import_or_array_is_checked_off_the_event_loop(upstream: Upstream,
+                                                              settings_for: Callable[..., Settings]) -> None:
+    """The secret scan costs ~0.25 ms an item: thousands of them on the event loop would stall every chat."""
+    import asyncio
+    from dataclasses import asdict
+
+    from proxy.app import create_app
+    from proxy.memories import Cleaning
+    from tests.servers import running
+
+    on_loop: list[bool] = []
+
+    class Watched(Cleaning):
+        def item(self, item: Any, **options: Any) -> Any:
+            on_loop.append(asyncio._get_running_loop() is not None)
+            return super().item(item, **options)
+
+    app = create_app(settings_for(upstream[1]), embedder=HashEmbedder(), environ={})
+    with running(app) as url:
+        memories = app.state.memories
+        memories.cleaning = Watched(**asdict(memories.cleaning))
+        lines = jsonl([{"text": f"Pat owns a bicycle numbered {n}"} for n in range(50)])
+        assert httpx.post(f"{url}/memories/pat/import", content=lines).status_code == 201
+        assert httpx.post(f"{url}/memories/pat", json=[{"text": f"Pat reads book {n}"} for n in range(50)]
+                          ).status_code == 201
+    assert len(on_loop) >= 200 and not any(on_loop)  # every item checked (twice: read, then stored), none on the loop

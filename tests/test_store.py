@@ -121,6 +121,18 @@ async def test_near_duplicate_updates_the_memory(store: Store) -> None:
     assert other.id != first and await store.count("alice") == 2
 
 
+async def test_a_near_duplicate_without_a_category_keeps_the_stored_one(store: Store) -> None:
+    first = await add_one(store, "alice", "User's name is Ana", BASIS[2], category="profile")
+    [updated] = await store.add("alice", [NewMemory("User's name is Ana.", keep_category=True)],
+                                stack(near(BASIS[2], 0.97, 2)))
+    assert (updated.id, updated.text, updated.category) == (first, "User's name is Ana.", "profile")
+    [hit] = await store.search("alice", BASIS[2], k=0, profile=5)  # still pinned as a profile memory
+    assert hit.memory.id == first
+    [changed] = await store.add("alice", [NewMemory("User's name is Ana!", category="fact")],
+                                stack(near(BASIS[2], 0.97, 3)))
+    assert changed.category == "fact"
+
+
 async def test_dedupe_within_one_batch(store: Store) -> None:
     items = [NewMemory("has a cat"), NewMemory("has a cat named Tom"), NewMemory("plays chess")]
     stored = await store.add("alice", items, stack(BASIS[1], near(BASIS[1], 0.95, 2), BASIS[3]))

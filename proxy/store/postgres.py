@@ -217,9 +217,10 @@ class PostgresStore(Engine):
             memory_id = draft.twin(vector, now, replaced, self.dedupe_similarity)
         values = {"user": user, "text": item.text, "category": item.category, "source": item.source,
                   "now": now, "expires_at": expires_at, "replaced": replaced, "vector": vector,
-                  "happened_at": item.happened_at}
+                  "happened_at": item.happened_at, "keep": item.keep_category}
         if memory_id is not None:
-            rows = await self.fetch(conn, f"""UPDATE memories SET text = %(text)s, category = %(category)s,
+            rows = await self.fetch(conn, f"""UPDATE memories SET text = %(text)s,
+                category = CASE WHEN %(keep)s THEN category ELSE %(category)s END,
                 updated_at = %(now)s, expires_at = %(expires_at)s, embedding = %(vector)b,
                 supersedes = coalesce(supersedes, %(replaced)s), happened_at = coalesce(%(happened_at)s, happened_at)
                 WHERE "user" = %(user)s AND id = %(id)s RETURNING {COLUMNS}""", {**values, "id": memory_id})
@@ -232,11 +233,12 @@ class PostgresStore(Engine):
         if replaced is not None:
             await conn.execute('UPDATE memories SET superseded_by = %s, valid_until = %s WHERE "user" = %s AND id = %s',
                                (memory_id, now, user, replaced))
+        stored = to_memory(rows[0])
         if draft is not None:
-            draft.put(memory_id, now, expires_at, vector, item.text, item.category == PROFILE)
+            draft.put(memory_id, now, expires_at, vector, item.text, stored.category == PROFILE)
             if replaced is not None:
                 draft.remove(replaced)
-        return to_memory(rows[0])
+        return stored
 
     async def draft(self, conn: Conn, user: str, now: float) -> Draft | None:
         """The user's cached vectors to edit along this write (loaded now if need be: writes are off the request

@@ -217,11 +217,11 @@ class SqliteStore(Engine):
             else:
                 memory_id = draft.twin(direction, now, replaced, self.dedupe_similarity)
             if memory_id is not None:
-                conn.execute("UPDATE memories SET text = ?, category = ?, updated_at = ?, expires_at = ?, "
-                             "embedding = ?, supersedes = coalesce(supersedes, ?), "
+                conn.execute("UPDATE memories SET text = ?, category = iif(?, category, ?), updated_at = ?, "
+                             "expires_at = ?, embedding = ?, supersedes = coalesce(supersedes, ?), "
                              "happened_at = coalesce(?, happened_at) WHERE user = ? AND id = ?",
-                             (item.text, item.category, now, expires_at, blob, replaced, item.happened_at, user,
-                              memory_id))
+                             (item.text, item.keep_category, item.category, now, expires_at, blob, replaced,
+                              item.happened_at, user, memory_id))
             else:
                 memory_id = self.next_id()
                 conn.execute(f"INSERT INTO memories ({COLUMNS}, embedding) "
@@ -231,11 +231,12 @@ class SqliteStore(Engine):
             if replaced is not None:
                 conn.execute("UPDATE memories SET superseded_by = ?, valid_until = ? WHERE user = ? AND id = ?",
                              (memory_id, now, user, replaced))
+            row = self.row(conn, user, memory_id)
             if draft is not None:
-                draft.put(memory_id, now, expires_at, direction, item.text, item.category == PROFILE)
+                draft.put(memory_id, now, expires_at, direction, item.text, row.category == PROFILE)
                 if replaced is not None:
                     draft.remove(replaced)
-            stored.append(self.row(conn, user, memory_id))
+            stored.append(row)
         generation = self.bump(conn, user)
         if draft is None:
             self.cache.discard(user)
