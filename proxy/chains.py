@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from proxy.sessions import check_session, session_id
+from proxy.sessions import session_id, session_key
 
 CAPACITY = 100_000
 
@@ -48,14 +48,16 @@ class Chains:
 
 
 def name(request: Request, body: dict[str, Any], chains: Chains) -> str:
-    """The session a Responses API turn belongs to ("" when it starts a chain); BadRequest when malformed."""
+    """The session a Responses API turn belongs to ("" when it starts a chain). Only our own header can be
+    refused (BadRequest); the API's fields name a session as proxy.sessions.session_key reads them."""
     explicit = session_id(request, body)
     if explicit is not None:
         return explicit
     conversation = body.get("conversation")
     if isinstance(conversation, dict):
         conversation = conversation.get("id")
-    if conversation is not None:
-        return check_session(conversation, "conversation")
+    named = session_key(conversation)
+    if named is not None:
+        return named
     previous = body.get("previous_response_id")
-    return chains.session(check_session(previous, "previous_response_id")) if previous is not None else ""
+    return (session_key(chains.session(previous)) or "") if isinstance(previous, str) and previous else ""

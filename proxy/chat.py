@@ -1,7 +1,8 @@
 """POST /v1/chat/completions (and Azure's deployment routes): the memory pipeline, readable top to bottom.
 
     user      = identify(request)                      no user → forwarded byte for byte, no memory involved
-                                                       (only a model's token budget may trim it)
+                                                       (only a model's token budget may trim it); so is a
+                                                       body memory cannot read (the upstream's to judge)
     turn      = begin(request)                         the session the proxy keeps, if any (proxy/sessions.py)
     body      = prepend(turn, body)                    prepend mode: the stored turns before the new ones
     decided   = plan(body)                             where memories go; inline, background or off
@@ -37,14 +38,14 @@ from proxy.upstream import credentials, request_headers
 
 async def chat_completions(request: Request) -> Response:
     settings, upstream, memories, sessions, extractor = parts(request)
-    raw, body, user = await identified(request, settings, parse_request)
+    raw, body, user, unusable = await identified(request, settings, parse_request)
     path, query = upstream_path(request), request.scope["query_string"]
-    if user is None or memories is None:
-        fitted = await sessions.fit(None, body)
+    if body is None or user is None or memories is None:
+        fitted = body if body is None else await sessions.fit(None, body)
         content, drop = (raw, frozenset()) if fitted is body else (orjson.dumps(fitted), delivery.REWRITTEN)
         forwarded = await delivery.unless_client_leaves(request, upstream.send(
             "POST", path, query, request_headers(request.headers.raw, upstream.key, drop=drop), content))
-        return relay(forwarded)
+        return delivery.said(relay(forwarded), unusable)
 
     turn = sessions.begin(request, body, user)
     said = transcript.said(body["messages"])

@@ -34,7 +34,7 @@ from proxy import extract
 from proxy.config import Settings
 from proxy.errors import BadRequest, ClientGone, ProxyError, UpstreamError
 from proxy.extraction import Extractor
-from proxy.identity import identify
+from proxy.identity import identify, unusable_user
 from proxy.memories import Memories
 from proxy.models import Hit, Operation
 from proxy.passthrough import read_body, relay
@@ -72,14 +72,32 @@ def parts(request: Request) -> tuple[Settings, Upstream, Memories | None, Sessio
 
 
 async def identified(request: Request, settings: Settings, parse: Callable[[bytes, int], dict[str, Any]]
-                     ) -> tuple[bytes, dict[str, Any], str | None]:
-    """The request's raw body, the body `parse`d (with the most items allowed), and its end user (None: nobody
-    named; proxy/identity.py), once the caller may use the proxy at all."""
+                     ) -> tuple[bytes, dict[str, Any] | None, str | None, str | None]:
+    """The request's raw body, the body `parse`d (with the most items allowed), its end user (None: nobody named;
+    proxy/identity.py) and why memory must stay out of it (None, or an `x-memory-error` value), once the caller
+    may use the proxy at all.
+
+    A body memory cannot work on (not the JSON `parse` reads: NaN, a BOM, `messages` not an array, more items
+    than allowed) is the upstream's to judge, not ours: body None, fault `request-unreadable`, and the request is
+    forwarded as it came. So is a body whose `user` names no one memories can be filed under: `user-invalid`."""
     gate = request.app.state.gate
     tenant = gate.client(request)
     raw = await read_body(request, settings.max_body_bytes)
-    body = parse(raw, settings.max_messages)
-    return raw, body, identify(request, body, settings.user_header, gate, tenant)
+    try:
+        body = parse(raw, settings.max_messages)
+    except BadRequest as exc:
+        log.info("memory cannot read this request (%s): forwarded as it came, without memory", exc.message)
+        identify(request, {}, settings.user_header, gate, tenant)  # a malformed user header is still ours to refuse
+        return raw, None, None, "request-unreadable"
+    user = identify(request, body, settings.user_header, gate, tenant)
+    return raw, body, user, "user-invalid" if user is None and unusable_user(body) else None
+
+
+def said(response: Response, fault: str | None) -> Response:
+    """`response` with `x-memory-error: fault` added (when there is one)."""
+    if fault:
+        response.raw_headers.append((b"x-memory-error", fault.encode()))
+    return response
 
 
 def rewritable(request: Request, upstream: Upstream) -> RawHeaders:

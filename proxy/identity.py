@@ -19,17 +19,23 @@ from proxy.models import check_user_id
 
 def identify(request: Request, body: dict[str, Any], header: str, gate: Gate, tenant: str | None) -> str | None:
     """The store's id of the end user: the user header, else the body's `user` field (unless users must be
-    signed), within the caller's tenant; None when no one is named."""
+    signed), within the caller's tenant; None when no one is named.
+
+    The header is ours: a malformed one is a 400 (BadRequest), a missing signature a 401 (Unauthorized); an empty
+    one names no one (an app's anonymous user). The body's `user` is the upstream's field (OpenAI's end-user id):
+    a value no memories can be filed under ("", not a string, too long) names no one and refuses nothing, so
+    the request goes on without memory (`unusable_user` tells the chat path to say so)."""
     user = header_text(request.headers.get(header))
     param = header
+    if user is not None and not user.strip():
+        user = None
     if user is None:
         if gate.signing_secret:
             return None  # an end user can write anything in `user`: only the gateway's signed header counts
-        user, param = body.get("user"), "user"
-        if user is None:
+        given = body.get("user")
+        if given is None or unusable_user(body):
             return None
-        if not isinstance(user, str):
-            raise BadRequest("'user' must be a string", param="user", code="invalid_user")
+        user, param = given, "user"
     problem = check_user_id(user)
     if problem:
         raise BadRequest(problem, param=param, code="invalid_user")
@@ -37,6 +43,15 @@ def identify(request: Request, body: dict[str, Any], header: str, gate: Gate, te
         raise Unauthorized(f"{header} needs a valid X-Memory-User-Signature", code="invalid_signature")
     logs.identified(namespaced(tenant, user))  # the request's log lines name the user from here on
     return namespaced(tenant, user)
+
+
+def unusable_user(body: dict[str, Any]) -> bool:
+    """Whether the body names a `user` no memories can be filed under: present, but not a string, blank, over
+    256 characters, or holding control characters."""
+    user = body.get("user")
+    if user is None:
+        return False
+    return not isinstance(user, str) or not user.strip() or check_user_id(user) is not None
 
 
 def header_text(value: str | None) -> str | None:

@@ -42,11 +42,11 @@ from proxy.upstream import Upstream, credentials, request_headers
 
 async def create_response(request: Request) -> Response:
     settings, upstream, memories, sessions, extractor = parts(request)
-    raw, body, user = await identified(request, settings, parse_request)
+    raw, body, user, unusable = await identified(request, settings, parse_request)
     path, query = upstream_path(request), request.scope["query_string"]
-    if user is None or memories is None:
-        return relay(await delivery.unless_client_leaves(request, upstream.send(
-            "POST", path, query, request_headers(request.headers.raw, upstream.key), raw)))
+    if body is None or user is None or memories is None:
+        return delivery.said(relay(await delivery.unless_client_leaves(request, upstream.send(
+            "POST", path, query, request_headers(request.headers.raw, upstream.key), raw))), unusable)
 
     known: chains.Chains = request.app.state.chains
     messages = turn_messages(body)

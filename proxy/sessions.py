@@ -15,6 +15,7 @@ write of the same session. (With several workers a turn may land on another proc
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -45,13 +46,25 @@ INLINE_CHARS = 2000  # more uncounted text than this (~0.5 ms to count) is count
 
 
 def session_id(request: Request, body: dict[str, Any]) -> str | None:
-    """The session named by the header, else by the body's `metadata.session_id`; 400 when malformed."""
+    """The session named by the header (ours: 400 when malformed), else by the body's `metadata.session_id`
+    (the upstream's field: never refused, see `session_key`)."""
     value = request.headers.get(SESSION_HEADER)
     if value is not None:
         return check_session(value, "X-Memory-Session")
     metadata = body.get("metadata")
-    value = metadata.get("session_id") if isinstance(metadata, dict) else None
-    return None if value is None else check_session(value, "metadata.session_id")
+    return session_key(metadata.get("session_id") if isinstance(metadata, dict) else None)
+
+
+def session_key(value: Any) -> str | None:
+    """The session a field of the upstream's API names (`metadata.session_id`, `conversation`,
+    `previous_response_id`): the value when it is a valid session id; for a string that is not (over 256
+    characters, control characters), `sha256:` and its digest, so that the same value names the same session;
+    None for "" or a value that is not a string. The upstream judges its own fields: none is refused here."""
+    if not isinstance(value, str) or not value:
+        return None
+    if check_user_id(value, "session id") is None:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def check_session(value: Any, param: str) -> str:

@@ -27,9 +27,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 if TYPE_CHECKING:
-    from tests.fakeupstream import FakeUpstream, Reply
+    from tests.fakeupstream import FakeUpstream, Recorded, Reply
 
 CREATED = 1_700_000_000
+
+
+def unparseable(body: Recorded) -> Response | None:
+    """OpenAI's 400 for a body that is not a JSON object, or None when it is one."""
+    try:
+        data = body.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        return None
+    return JSONResponse({"error": {"message": "We could not parse the JSON body of your request.",
+                                   "type": "invalid_request_error", "param": None, "code": None}}, status_code=400)
 
 
 @dataclass
@@ -197,7 +209,15 @@ class ResponsesAPI:
         return [*instructions, *[m for m in earlier if m["role"] != "system"], *new]
 
     async def create(self, request: Request) -> Response:
-        body = (await self.fake.record(request)).json()
+        recorded = await self.fake.record(request)
+        refusal = unparseable(recorded)
+        if refusal is not None:
+            return refusal
+        body = recorded.json()
+        if not isinstance(body.get("input", ""), str | list):
+            return JSONResponse({"error": {"message": "Invalid type for 'input': expected a string or an array.",
+                                           "type": "invalid_request_error", "param": "input",
+                                           "code": "invalid_type"}}, status_code=400)
         prev = body.get("previous_response_id")
         if prev is not None and prev not in self.seen:
             return JSONResponse({"error": {"message": f"Previous response with id '{prev}' not found.",

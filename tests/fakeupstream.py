@@ -7,6 +7,7 @@ It records every request it receives and answers chat completions from a script 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.extract import EXTRACTION_PROMPT
-from tests.fakeresponses import Output, ResponsesAPI
+from tests.fakeresponses import Output, ResponsesAPI, unparseable
 
 CREATED = 1_700_000_000  # fixed, so two answers to the same request are byte-identical
 
@@ -33,7 +34,10 @@ class Recorded:
     body: bytes
 
     def json(self) -> Any:
-        return orjson.loads(self.body)
+        """The body as Python servers (FastAPI's `request.json()`, so vLLM's and llama-cpp-python's) read it:
+        the standard library's parser, which takes NaN, Infinity, escaped lone surrogates and a UTF-8 BOM."""
+        return json.loads(self.body)
+
 
 
 @dataclass
@@ -169,7 +173,15 @@ class FakeUpstream:
         return JSONResponse({"late": True})
 
     async def chat(self, request: Request) -> Response:
-        body = (await self.record(request)).json()
+        recorded = await self.record(request)
+        refusal = unparseable(recorded)
+        if refusal is not None:
+            return refusal
+        body = recorded.json()
+        if not isinstance(body.get("messages"), list):
+            return JSONResponse({"error": {"message": "Invalid type for 'messages': expected an array.",
+                                           "type": "invalid_request_error", "param": "messages",
+                                           "code": "invalid_type"}}, status_code=400)
         if is_extraction(body):
             return await self.extract(body)
         refused = self.refused(body["messages"])

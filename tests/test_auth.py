@@ -154,17 +154,7 @@ def test_an_open_proxy_warns_at_start(upstream: Upstream, settings_for: Callable
 def test_bad_input_gets_a_clear_error_and_stores_nothing(upstream: Upstream, settings_for: Callable[..., Settings],
                                                          start_proxy: Callable[..., str]) -> None:
     proxy = start_proxy(settings_for(upstream[1], max_messages=3, memory_max_chars=100))
-    headers = {"X-Memory-User": "erin", "content-type": "application/json"}
-    cases = {
-        "too_many_messages": b'{"model": "m", "messages": [' + b",".join([b'{"role": "user", "content": "x"}'] * 4)
-                             + b"]}",
-        "invalid_json": b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
-    }
-    for code, raw in cases.items():
-        response = httpx.post(f"{proxy}/v1/chat/completions", content=raw, headers=headers)
-        assert response.status_code == 400 and response.json()["error"]["code"] == code, response.text
-    wrong = httpx.post(f"{proxy}/v1/chat/completions", json={"model": "m", "messages": "hi"}, headers=headers)
-    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "messages"
+    # a chat body memory cannot read is the upstream's to judge (tests/test_unreadable.py); the API's are ours
     huge = httpx.post(f"{proxy}/memories/erin", json=[{"text": "fine"}, {"text": "y" * 101}])
     assert huge.status_code == 400 and huge.json()["error"]["code"] == "text_too_long"
     assert httpx.get(f"{proxy}/memories/erin").json()["data"] == []  # the batch is all or nothing

@@ -61,6 +61,9 @@ def test_file_errors(tmp_path: Path) -> None:
     (tmp_path / "typo.toml").write_text("prot = 1")
     with pytest.raises(ConfigError, match="unknown setting 'prot'"):
         config.load(tmp_path / "typo.toml", ENV)
+    (tmp_path / "typo.toml").write_text('extracton = "background"')
+    with pytest.raises(ConfigError, match="unknown setting 'extracton'; did you mean 'extraction'"):
+        config.load(tmp_path / "typo.toml", ENV)
     (tmp_path / "type.toml").write_text('port = "8080x"')
     with pytest.raises(ConfigError, match="must be int"):
         config.load(tmp_path / "type.toml", ENV)

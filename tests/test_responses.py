@@ -280,7 +280,8 @@ def test_headers_say_what_memory_did_and_upstream_errors_stay_the_upstreams(serv
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
     assert response.headers["x-memory-extraction"] == "off"
     bad = httpx.post(proxy + "/v1/responses", json={"model": "m", "input": 5}, headers=ALICE)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"  # the upstream's to refuse
+    assert bad.headers["x-memory-error"] == "request-unreadable"
 
 
 def test_an_answer_past_the_bounds_is_relayed_unfiltered(serve: Serve) -> None:

@@ -155,9 +155,9 @@ def test_store_mode_keeps_the_turns_and_the_api_shows_them(fake: tuple[Upstream,
     assert [s["id"] for s in listed["data"]] == ["chat-7"] and listed["has_more"] is False
     assert httpx.get(f"{proxy}/sessions/bob/chat-8").status_code == 404
     assert httpx.get(f"{proxy}/sessions/bob/bad%7Fid").json()["error"]["code"] == "invalid_session"
-    bad = httpx.post(f"{proxy}/v1/chat/completions", headers={"X-Memory-User": "bob"}, json={
-        "model": "m", "messages": [{"role": "user", "content": "hi"}], "metadata": {"session_id": ""}})
-    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_session"
+    bad = httpx.post(f"{proxy}/v1/chat/completions", headers={"X-Memory-User": "bob", "X-Memory-Session": "a\tb"},
+                     json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_session"  # our header: ours to refuse
 
 
 def test_two_hundred_turns_stay_within_the_budget_with_the_summary_present(fake: tuple[Upstream, str],
