@@ -261,7 +261,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     values = {}
     for name, value in data.items():
         if name not in _TYPES:
-            raise ConfigError(f"{path}: unknown setting {name!r}")
+            close = difflib.get_close_matches(name, list(_TYPES), n=1, cutoff=0.8)
+            raise ConfigError(f"{path}: unknown setting {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
         values[name] = _coerce(name, value, str(path))
     return values
 
