@@ -24,7 +24,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy import delivery, extract, transcript
+from proxy import delivery, transcript
 from proxy.delivery import Blocks, deliver, identified, operations, parts, recall
 from proxy.errors import BadRequest
 from proxy.extraction import Exchange
@@ -55,8 +55,7 @@ async def chat_completions(request: Request) -> Response:
     question = search_question(body["messages"]) if decided.recall else ""
     hits, fault = await recall(memories, user, question, settings.recall_budget_ms)
     excerpts = await sessions.recall(user, turn, question)
-    upstream_body, aliases = rewrite(body, hits, decided, instruction=extract.INSTRUCTION,
-                                     max_chars=settings.inject_max_chars, excerpts=excerpts)
+    upstream_body, aliases, fault = delivery.injected(rewrite, body, hits, decided, settings, excerpts, fault)
     upstream_body = await sessions.fit(turn, upstream_body)
     unchanged = upstream_body is body and not (turn is not None and turn.prepended)
     response = await delivery.unless_client_leaves(request, upstream.send(

@@ -50,6 +50,7 @@ REWRITTEN = frozenset({b"content-length", b"accept-encoding"})
 Blocks = dict[int, list[str]]  # block bodies per choice (chat) or output item (Responses), in answer order
 Remember = Callable[[Blocks, bytes], None]  # the blocks, and the answer as it came
 BodyFilter = Callable[[Any, int], tuple[Any, Blocks]]  # (parsed body, max block chars) → (body, blocks)
+Rewrite = Callable[..., tuple[dict[str, Any], dict[str, str]]]  # (body, hits, plan, …) → (body, aliases)
 SLICE = 16 * 1024  # bytes of a stream filtered between two turns of the event loop (~1-3 ms of work)
 
 
@@ -91,6 +92,20 @@ async def identified(request: Request, settings: Settings, parse: Callable[[byte
         return raw, None, None, "request-unreadable"
     user = identify(request, body, settings.user_header, gate, tenant)
     return raw, body, user, "user-invalid" if user is None and unusable_user(body) else None
+
+
+def injected(rewrite: Rewrite, body: dict[str, Any], hits: list[Hit], decided: object, settings: Settings,
+             excerpts: Sequence[str], fault: str | None) -> tuple[dict[str, Any], dict[str, str], str | None]:
+    """`rewrite(body, hits, decided, …)` (proxy/rewrite.py, proxy/responses_input.py): the body to send, the
+    aliases shown, and the fault so far. Stored rows meet the prompt here: one that no write path of ours makes
+    (another writer's, an older version's) costs this turn its memories, never the chat (`recall-failed`)."""
+    try:
+        upstream_body, aliases = rewrite(body, hits, decided, instruction=extract.INSTRUCTION,
+                                         max_chars=settings.inject_max_chars, excerpts=excerpts)
+    except Exception:
+        log.exception("the recalled memories could not be rendered: answering without memory")
+        return body, {}, "recall-failed"
+    return upstream_body, aliases, fault
 
 
 def said(response: Response, fault: str | None) -> Response:

@@ -27,7 +27,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy import chains, delivery, extract, transcript
+from proxy import chains, delivery, transcript
 from proxy.delivery import Blocks, deliver, identified, operations, parts, recall
 from proxy.errors import BadRequest
 from proxy.extraction import Exchange
@@ -57,8 +57,8 @@ async def create_response(request: Request) -> Response:
     question = clipped(newest_user_text(body)) if decided.recall else ""
     hits, fault = await recall(memories, user, question, settings.recall_budget_ms)
     excerpts = await sessions.recall(user, turn, question)
-    upstream_body, aliases = rewrite_response(body, hits, decided, instruction=extract.INSTRUCTION,
-                                              max_chars=settings.inject_max_chars, excerpts=excerpts)
+    upstream_body, aliases, fault = delivery.injected(rewrite_response, body, hits, decided, settings, excerpts,
+                                                      fault)
     content = raw if upstream_body is body else orjson.dumps(upstream_body)
     response = await delivery.unless_client_leaves(request, upstream.send(
         "POST", path, query, delivery.rewritable(request, upstream), content))

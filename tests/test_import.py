@@ -172,3 +172,22 @@ def test_a_long_import_or_array_is_checked_off_the_event_loop(upstream: Upstream
         assert httpx.post(f"{url}/memories/pat", json=[{"text": f"Pat reads book {n}"} for n in range(50)]
                           ).status_code == 201
     assert len(on_loop) >= 200 and not any(on_loop)  # every item checked (twice: read, then stored), none on the loop
+
+
+def test_a_row_with_a_date_no_calendar_holds_never_fails_a_chat(upstream: Upstream,
+                                                                 settings_for: Callable[..., Settings],
+                                                                 start_proxy: Callable[..., str]) -> None:
+    """Written by another writer (or a version before imports were checked): the chat gets the memory, undated."""
+    import sqlite3
+
+    settings = settings_for(upstream[1])
+    proxy = start_proxy(settings, embedder=HashEmbedder())
+    httpx.post(f"{proxy}/memories/ola", json={"text": "Ola plays the cello every weekend"}).raise_for_status()
+    with sqlite3.connect(settings.db) as conn:
+        conn.execute("UPDATE memories SET created_at = 1764553600000, updated_at = 1e300")
+    for stream in (False, True):
+        response = httpx.post(f"{proxy}/v1/chat/completions", headers={"X-Memory-User": "ola"}, json={
+            "model": "m", "stream": stream, "messages": [{"role": "user", "content": "Ola plays the cello every weekend"}]})
+        assert response.status_code == 200 and response.headers["x-memory-recalled"] == "1"
+        assert '(fact, undated) "Ola plays the cello every weekend"' in str(upstream[0].chats[-1].json()["messages"])
+    assert httpx.get(f"{proxy}/memories/ola/export").status_code == 200
