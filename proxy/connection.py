@@ -44,6 +44,8 @@ class Connection(asyncio.Protocol):
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.head_room = MAX_HEAD_BYTES  # bytes the response head may still take
+        self.framing = 0  # body bytes read since the last byte of content
+        self.content_seen = False
         self.headers_in = self.complete = self.keep_alive = self.paused = self.answered = False
         self.error: httpx.TransportError | None = None
 
@@ -54,7 +56,15 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.answered = True
         if self.headers_in:
+            # Reads with no content in them (chunk-size lines, a trailer section, which httptools joins in memory
+            # too) get the head's bound between them.
+            self.content_seen = False
             self._feed(data)
+            if not self.content_seen and not self.complete:
+                self.framing += len(data)
+                if self.framing > MAX_HEAD_BYTES:
+                    self.fail(httpx.RemoteProtocolError(f"the upstream sent more than {MAX_HEAD_BYTES} bytes of "
+                                                        "chunk framing or trailers without content"))
             return
         room = self.head_room
         self.head_room = max(0, room - len(data))
@@ -111,6 +121,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        self.content_seen, self.framing = True, 0
         if self.headers_in and not self.complete:
             self.chunks.append(body)
             self.buffered += len(body)

@@ -6,6 +6,7 @@
                           (uvicorn itself times only idle kept-alive connections, never a head in progress.)
                           And a size: at most `max_request_head_bytes` bytes and MAX_HEADER_FIELDS fields, counted
                           as the bytes come; then 431 and close (uvicorn's httptools protocol has no bound at all).
+                          A chunked body's trailer section gets the same bound; past it the connection is closed.
     RequestLimits         ASGI: the whole body must arrive within `request_body_timeout` seconds of the head
                           (408 and close, `RequestTimeout`); any /v1 path with a dot segment (`..`, `%2e%2e`,
                           `.%2E`, `..;`, double-encoded, or between backslashes) is refused with 400 before anything
@@ -72,6 +73,8 @@ class HeadLimitsProtocol(HttpToolsProtocol):
         self._head_room: int | None = self.max_head  # bytes the head in progress may still take; None: in a body
         self._fields = 0
         self._refused = False
+        self._framing = 0  # a body's bytes read since its last byte of content (chunk-size lines, trailers)
+        self._body_seen = False  # whether the read being fed brought any content
         self._pending: bytes | None = None  # the refusal, once the requests before it are answered
         self._head_timer: asyncio.TimerHandle | None = None
         self._arm_head_timer()
@@ -130,9 +133,11 @@ class HeadLimitsProtocol(HttpToolsProtocol):
             return  # lingering: dropped unread
         while data:
             room = self._head_room
-            if room is None or len(data) <= room:  # in a body, or the head still has room for all of it
-                if room is not None:
-                    self._head_room = room - len(data)
+            if room is None:
+                self._in_body(data)
+                return
+            if len(data) <= room:  # the head still has room for all of it
+                self._head_room = room - len(data)
                 super().data_received(data)
                 return
             self._head_room = 0  # the head may take `room` more bytes: feed those, then see whether it ended
@@ -144,6 +149,19 @@ class HeadLimitsProtocol(HttpToolsProtocol):
                 self._too_large()
                 return
             data = data[room:]  # the head ended within them: a body or the next head follows, counted afresh
+
+    def _in_body(self, data: bytes) -> None:
+        """Feed body bytes. Reads that bring none of the body itself (chunk-size lines, and the trailer section a
+        chunked body may end with, which httptools also joins in memory) get the head's bound between them; past
+        it the connection is closed, as the request is already being answered."""
+        self._body_seen = False
+        super().data_received(data)
+        if self._head_room is None and not self._body_seen:
+            self._framing += len(data)
+            if self._framing > self.max_head:
+                self._head_room = 0
+                self._refused = True
+                self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -160,11 +178,12 @@ class HeadLimitsProtocol(HttpToolsProtocol):
         if self._fields > MAX_HEADER_FIELDS:
             self._too_large()  # the rest of this read is parsed, and dropped: the connection is closing
             return
-        self._head_room = None
+        self._head_room, self._framing = None, 0
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         if self._head_room is None:
+            self._body_seen, self._framing = True, 0
             super().on_body(body)
 
     def on_message_complete(self) -> None:

@@ -111,6 +111,34 @@ def test_a_giant_head_is_refused_before_the_upstream_or_authentication(upstream:
     assert upstream[0].requests == []
 
 
+def test_a_chunked_body_s_trailers_are_bounded_too(upstream: Upstream, settings_for: Callable[..., Settings],
+                                                   start_proxy: Callable[..., str]) -> None:
+    fake, url = upstream
+    proxy = start_proxy(settings_for(url, max_request_head_bytes=4096))
+    start = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"X-Memory-User: alice\r\nTransfer-Encoding: chunked\r\n\r\n")
+    # A body in one-byte chunks is mostly framing, far past the bound in all: it is the content that counts.
+    body = CHAT + b" " * 30_000
+    with connect(proxy) as sock:
+        sock.sendall(start + b"".join(b"1\r\n%c\r\n" % byte for byte in body) + b"0\r\n\r\n")
+        assert status(read_response(sock)) == 200
+    assert len(fake.chats) == 1
+    # A trailer section without end: the connection is closed, the request goes nowhere.
+    with connect(proxy) as sock:
+        sock.sendall(start + b"%x\r\n%s\r\n0\r\nX-Trailer: " % (len(CHAT), CHAT))
+        sent, chunk = 0, b"a" * MIB
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < 64 * MIB:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        assert sent < 16 * MIB
+        answer = b""
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            answer = read_response(sock)
+        assert b" 200 " not in answer[:20]
+    assert len(fake.chats) == 1
+
+
 def test_the_h11_protocol_is_bounded_too(upstream: Upstream, settings_for: Callable[..., Settings]) -> None:
     """`serve` runs httptools; uvicorn's h11 protocol, if chosen, gets the same bound (it answers 400 past it)."""
     from proxy.app import create_app
@@ -130,8 +158,9 @@ def test_the_h11_protocol_is_bounded_too(upstream: Upstream, settings_for: Calla
 
 class EndlessHead:
     """An upstream on a raw socket whose answer to a chat never ends its head: one header value growing forever
-    (`one header`), or header fields without end (`many fields`), until the peer closes the connection. GET (the
-    readiness probe's /models) gets an ordinary answer."""
+    (`one header`), or header fields without end (`many fields`); or never ends the trailer section of its chunked
+    body (`trailers`); until the peer closes the connection. GET (the readiness probe's /models) gets an ordinary
+    answer."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -158,7 +187,11 @@ class EndlessHead:
                              b"connection: close\r\n\r\n%s" % (len(body), body))
                 return
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
-            chunk = b"x-evil: " + b"a" * MIB if self.mode == "one header" else b"x-h: v\r\n" * (MIB // 8)
+            if self.mode == "trailers":  # a chunked body whose trailer section never ends
+                conn.sendall(b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-trailer: ")
+            else:
+                conn.sendall(b"x-evil: ")
+            chunk = b"x-h: v\r\n" * (MIB // 8) if self.mode == "many fields" else b"a" * MIB
             try:
                 while self.sent < 512 * MIB:  # a bound for the test's own sake: the proxy must stop far sooner
                     conn.sendall(chunk)
@@ -170,7 +203,7 @@ class EndlessHead:
         self.sock.close()
 
 
-@pytest.fixture(params=["one header", "many fields"])
+@pytest.fixture(params=["one header", "many fields", "trailers"])
 def endless(request: pytest.FixtureRequest) -> Iterator[EndlessHead]:
     server = EndlessHead(request.param)
     yield server
@@ -186,7 +219,7 @@ def test_an_endless_response_head_is_a_502_and_the_upstream_connection_closes(
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert endless.url.removesuffix("/v1").removeprefix("http://") in error["message"]
-    assert "response head" in error["message"]
+    assert ("chunk framing or trailers" if endless.mode == "trailers" else "response head") in error["message"]
     assert endless.closed.wait(10), "the proxy kept the upstream connection open"
     assert endless.sent < 16 * MIB  # it stopped reading at the bound, not at a timeout
 
