@@ -49,6 +49,8 @@ class Settings:
     max_connections: int = setting(1000, "Upstream connection pool size.")
     max_keepalive: int = setting(200, "Idle upstream connections kept open for reuse.")
     max_body_bytes: int = setting(32 * 1024 * 1024, "Largest request body accepted (413 above it).")
+    max_request_head_bytes: int = setting(64 * 1024, "Largest request head (request line and headers, in bytes) "
+                                                     "accepted, at most 1000 header fields; 431 and closed above it.")
     request_head_timeout: float = setting(10.0, "Seconds a client has to send a request's head (line and headers), "
                                                 "however slowly the bytes come (408 and closed after it).")
     request_body_timeout: float = setting(120.0, "Seconds a client has to send a request's whole body after its head "
@@ -274,8 +276,9 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"upstream must be an http:// or https:// URL, got {s.upstream!r}")
     locate(s.db)  # an unknown scheme (mysql://…) stops here, never becomes a file of that name
     positive = ["port", "workers", "max_connections", "max_client_connections", "embed_threads", "embed_batch",
-                "recall_k", "max_body_bytes", "write_queue", "memory_max_chars", "max_messages", "session_max_messages",
-                "summary_keep_messages", "filter_max_bytes", "memory_block_max_chars", "extract_queue"]
+                "recall_k", "max_body_bytes", "max_request_head_bytes", "write_queue", "memory_max_chars",
+                "max_messages", "session_max_messages", "summary_keep_messages", "filter_max_bytes",
+                "memory_block_max_chars", "extract_queue"]
     for name in positive:
         if getattr(s, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")

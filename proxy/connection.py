@@ -15,6 +15,11 @@ import httpx
 RawHeaders = list[tuple[bytes, bytes]]
 JOIN_LIMIT = 64 * 1024  # bodies up to this size go out in the same write as the head
 HIGH_WATER = 256 * 1024  # buffered response bytes at which we stop reading from the upstream socket
+# The most a response head (status line, headers, any 1xx heads before it) may take: bytes, counted as they come
+# (httptools joins a header's pieces in memory until it ends), and fields (each costs Python objects however short
+# it is). Generous beside real servers' few KiB, and beside clients' own bounds (curl: 300 KiB, h11: 16 KiB).
+MAX_HEAD_BYTES = 256 * 1024
+MAX_HEADER_FIELDS = 1000
 
 
 class Connection(asyncio.Protocol):
@@ -38,6 +43,9 @@ class Connection(asyncio.Protocol):
         self.headers: RawHeaders = []
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
+        self.head_room = MAX_HEAD_BYTES  # bytes the response head may still take
+        self.framing = 0  # body bytes read since the last byte of content
+        self.content_seen = False
         self.headers_in = self.complete = self.keep_alive = self.paused = self.answered = False
         self.error: httpx.TransportError | None = None
 
@@ -47,10 +55,33 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.answered = True
+        if self.headers_in:
+            # Reads with no content in them (chunk-size lines, a trailer section, which httptools joins in memory
+            # too) get the head's bound between them.
+            self.content_seen = False
+            self._feed(data)
+            if not self.content_seen and not self.complete:
+                self.framing += len(data)
+                if self.framing > MAX_HEAD_BYTES:
+                    self.fail(httpx.RemoteProtocolError(f"the upstream sent more than {MAX_HEAD_BYTES} bytes of "
+                                                        "chunk framing or trailers without content"))
+            return
+        room = self.head_room
+        self.head_room = max(0, room - len(data))
+        self._feed(data[:room] if len(data) > room else data)
+        if not self.headers_in and self.head_room == 0:
+            self._too_large(f"larger than {MAX_HEAD_BYTES} bytes")
+        elif len(data) > room and not self.error:
+            self._feed(data[room:])  # the head ended within its room: the rest is body
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self.fail(httpx.RemoteProtocolError(f"the upstream sent invalid HTTP: {exc}"))
+
+    def _too_large(self, how: str) -> None:
+        self.fail(httpx.RemoteProtocolError(f"the upstream's response head is {how}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -75,6 +106,9 @@ class Connection(asyncio.Protocol):
         self.status = self.parser.get_status_code()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= MAX_HEADER_FIELDS:
+            self._too_large(f"more than {MAX_HEADER_FIELDS} header fields")
+            raise httptools.HttpParserError("too many header fields")  # stops the parser at once
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -87,6 +121,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        self.content_seen, self.framing = True, 0
         if self.headers_in and not self.complete:
             self.chunks.append(body)
             self.buffered += len(body)

@@ -32,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy import extract
 from proxy.config import Settings
-from proxy.errors import BadRequest, ClientGone, ProxyError, UpstreamError
+from proxy.errors import BadRequest, ClientGone, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.extraction import Extractor
 from proxy.identity import identify, unusable_user
 from proxy.memories import Memories
@@ -136,7 +136,13 @@ async def deliver(response: httpx.Response, remember: Remember, ours: RawHeaders
         relayed = relay(response)
         relayed.raw_headers.extend(ours)
         return relayed
-    answer = await read_answer(response, settings.filter_max_bytes)
+    try:
+        answer = await read_answer(response, settings.filter_max_bytes)
+    except httpx.TransportError as exc:  # broken off (or malformed) before anything reached the client: 502 / 504
+        await response.aclose()
+        failed = UpstreamTimeout if isinstance(exc, httpx.TimeoutException) else UpstreamError
+        raise failed(f"the upstream {response.request.url.netloc.decode('ascii')} broke off its answer: "
+                     f"{exc or type(exc).__name__}") from exc
     if not inline:
         return untouched(response, answer, remember, ours, keep_bytes=keep_bytes)
     if answer.streamed:

@@ -1,9 +1,12 @@
 """What a client may send and how slowly: bounds on the request head, the body, the path and the connections.
 
-    HeadTimeoutProtocol   uvicorn's httptools protocol plus a deadline for the request head: from the connection
+    HeadLimitsProtocol    uvicorn's httptools protocol plus a deadline for the request head: from the connection
                           (or a kept-alive connection's next first byte) to the end of the headers, at most
                           `request_head_timeout` seconds, however the bytes trickle in; then 408 and close.
                           (uvicorn itself times only idle kept-alive connections, never a head in progress.)
+                          And a size: at most `max_request_head_bytes` bytes and MAX_HEADER_FIELDS fields, counted
+                          as the bytes come; then 431 and close (uvicorn's httptools protocol has no bound at all).
+                          A chunked body's trailer section gets the same bound; past it the connection is closed.
     RequestLimits         ASGI: the whole body must arrive within `request_body_timeout` seconds of the head
                           (408 and close, `RequestTimeout`); any /v1 path with a dot segment (`..`, `%2e%2e`,
                           `.%2E`, `..;`, double-encoded, or between backslashes) is refused with 400 before anything
@@ -35,21 +38,44 @@ if TYPE_CHECKING:
 # so each worker process, and each test server, times heads by its own settings.
 HEAD_TIMEOUT_STATE = "memory_proxy.request_head_timeout"
 HEAD_TIMEOUT_DEFAULT = 10.0
+# The head's size comes with uvicorn's own knob for it (`h11_max_incomplete_event_size`, which bounds the h11
+# protocol the same way): server_options sets it from `max_request_head_bytes`.
+HEAD_BYTES_DEFAULT = 64 * 1024
+LINGER = 2.0  # seconds a refused client's further bytes are read and dropped before the connection closes
+MAX_HEADER_FIELDS = 1000  # each field costs a few hundred bytes of Python objects however short it is
+
+
+def closing_response(status: bytes, message: str, code: str) -> bytes:
+    """A whole HTTP/1.1 answer in OpenAI's error shape that ends the connection (`Connection: close`)."""
+    body = orjson.dumps(error_body(message, "invalid_request_error", code=code))
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
 
 
 def timed_out_response() -> bytes:
-    body = orjson.dumps(error_body("the request head did not arrive in time", "invalid_request_error",
-                                   code="request_timeout"))
-    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    return closing_response(b"408 Request Timeout", "the request head did not arrive in time", "request_timeout")
 
 
-class HeadTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for each request head."""
+class HeadLimitsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size bound for each request head.
+
+    The size is counted on the bytes as they come, before the parser sees them: httptools joins a header's
+    pieces in memory until the field ends, so counting fields as they are parsed would come too late. Once a head
+    has taken `h11_max_incomplete_event_size` bytes without ending, or MAX_HEADER_FIELDS fields, the client gets
+    431 Request Header Fields Too Large (RFC 6585 §5) and the connection is closed; nothing past the bound is fed
+    to the parser.
+    """
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.head_timeout = float(self.app_state.get(HEAD_TIMEOUT_STATE, HEAD_TIMEOUT_DEFAULT))
+        self.max_head = self.config.h11_max_incomplete_event_size or HEAD_BYTES_DEFAULT
+        self._head_room: int | None = self.max_head  # bytes the head in progress may still take; None: in a body
+        self._fields = 0
+        self._refused = False
+        self._framing = 0  # a body's bytes read since its last byte of content (chunk-size lines, trailers)
+        self._body_seen = False  # whether the read being fed brought any content
+        self._pending: bytes | None = None  # the refusal, once the requests before it are answered
         self._head_timer: asyncio.TimerHandle | None = None
         self._arm_head_timer()
 
@@ -64,17 +90,106 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if not self.transport.is_closing():
-            self.transport.write(timed_out_response())
-            self.transport.close()
+        self._refuse(timed_out_response())
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer `response` and close; while earlier (pipelined) requests are still being answered, once they
+        have been, reading nothing more meanwhile.
+
+        The close lingers (as nginx's `lingering_close`): our side is shut for writing, and what the client still
+        sends is read and dropped for up to LINGER seconds. Closing at once with its bytes unread would reset the
+        connection, and the client, still writing its head, would see the reset instead of the answer."""
+        self._head_room = 0
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._pending = response
+            self.flow.pause_reading()
+            return
+        self._answer_and_close(response)
+
+    def _answer_and_close(self, response: bytes) -> None:
+        self.transport.write(response)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER, self.transport.close)
+
+    def on_response_complete(self) -> None:
+        if self._pending is not None and not self.pipeline and not self.transport.is_closing():
+            self.server_state.total_requests += 1
+            self._answer_and_close(self._pending)
+            self._pending = None
+            return
+        super().on_response_complete()
+
+    def _too_large(self) -> None:
+        self._refuse(closing_response(b"431 Request Header Fields Too Large",
+                                      f"the request head is larger than {self.max_head} bytes or has more than "
+                                      f"{MAX_HEADER_FIELDS} header fields", "request_header_fields_too_large"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: dropped unread
+        while data:
+            room = self._head_room
+            if room is None:
+                self._in_body(data)
+                return
+            if len(data) <= room:  # the head still has room for all of it
+                self._head_room = room - len(data)
+                super().data_received(data)
+                return
+            self._head_room = 0  # the head may take `room` more bytes: feed those, then see whether it ended
+            if room:
+                super().data_received(data[:room])
+            if self._refused or self.transport.is_closing():
+                return
+            if self._head_room == 0:
+                self._too_large()
+                return
+            data = data[room:]  # the head ended within them: a body or the next head follows, counted afresh
+
+    def _in_body(self, data: bytes) -> None:
+        """Feed body bytes. Reads that bring none of the body itself (chunk-size lines, and the trailer section a
+        chunked body may end with, which httptools also joins in memory) get the head's bound between them; past
+        it the connection is closed, as the request is already being answered."""
+        self._body_seen = False
+        super().data_received(data)
+        if self._head_room is None and not self._body_seen:
+            self._framing += len(data)
+            if self._framing > self.max_head:
+                self._head_room = 0
+                self._refused = True
+                self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._fields = 0
         self._arm_head_timer()  # the next request on a kept-alive connection gets its own deadline
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        if self._fields <= MAX_HEADER_FIELDS:
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
+        if self._fields > MAX_HEADER_FIELDS:
+            self._too_large()  # the rest of this read is parsed, and dropped: the connection is closing
+            return
+        self._head_room, self._framing = None, 0
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._head_room is None:
+            self._body_seen, self._framing = True, 0
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._head_room is None:
+            super().on_message_complete()
+            self._head_room = self.max_head
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()

@@ -22,11 +22,13 @@ UVICORN_OPTIONS: dict[str, Any] = {"server_header": False, "date_header": False}
 def server_options(settings: Settings) -> dict[str, Any]:
     """The uvicorn.Config options `serve` and the tests both run with: no Date or Server header of uvicorn's own,
     and the bounds on what clients can hold (proxy/limits.py): a deadline for each request head (the protocol;
-    the deadline itself comes from the app's lifespan state), `limit_concurrency` and `timeout_keep_alive`."""
-    from proxy.limits import HeadTimeoutProtocol
+    the deadline itself comes from the app's lifespan state, the size bound from `h11_max_incomplete_event_size`,
+    which bounds uvicorn's h11 protocol too), `limit_concurrency` and `timeout_keep_alive`."""
+    from proxy.limits import HeadLimitsProtocol
 
-    return {**UVICORN_OPTIONS, "http": HeadTimeoutProtocol, "limit_concurrency": settings.max_client_connections,
-            "timeout_keep_alive": settings.keep_alive_timeout}
+    return {**UVICORN_OPTIONS, "http": HeadLimitsProtocol, "limit_concurrency": settings.max_client_connections,
+            "timeout_keep_alive": settings.keep_alive_timeout,
+            "h11_max_incomplete_event_size": settings.max_request_head_bytes}
 
 
 class DateHeader:

@@ -137,7 +137,8 @@ class Upstream:
             raise UpstreamTimeout(f"{self.described} did not answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             self.last = (time.monotonic(), str(exc) or type(exc).__name__)
-            raise UpstreamError(f"{self.described} could not be reached: {exc or type(exc).__name__}") from exc
+            failed = "broke HTTP/1.1" if isinstance(exc, httpx.RemoteProtocolError) else "could not be reached"
+            raise UpstreamError(f"{self.described} {failed}: {exc or type(exc).__name__}") from exc
         self.last = (time.monotonic(), None)
         response.request = request
         return response
