@@ -186,8 +186,9 @@ def test_a_row_with_a_date_no_calendar_holds_never_fails_a_chat(upstream: Upstre
     with sqlite3.connect(settings.db) as conn:
         conn.execute("UPDATE memories SET created_at = 1764553600000, updated_at = 1e300")
     for stream in (False, True):
-        response = httpx.post(f"{proxy}/v1/chat/completions", headers={"X-Memory-User": "ola"}, json={
-            "model": "m", "stream": stream, "messages": [{"role": "user", "content": "Ola plays the cello every weekend"}]})
+        said = [{"role": "user", "content": "Ola plays the cello every weekend"}]
+        response = httpx.post(f"{proxy}/v1/chat/completions", headers={"X-Memory-User": "ola"},
+                              json={"model": "m", "stream": stream, "messages": said})
         assert response.status_code == 200 and response.headers["x-memory-recalled"] == "1"
         assert '(fact, undated) "Ola plays the cello every weekend"' in str(upstream[0].chats[-1].json()["messages"])
     assert httpx.get(f"{proxy}/memories/ola/export").status_code == 200
