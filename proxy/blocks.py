@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from proxy.extract import CLOSE_TAG, OPEN_TAG, OPEN_TAG_MAX, OPEN_TAG_START, TAG_SPACE
+from proxy.extract import CLOSE_TAG, OPEN_TAG, OPEN_TAG_MAX, OPEN_TAG_START, TAG_SPACE, is_payload
 
 Span = tuple[int, int]
 MAX_BLOCK = 64 * 1024  # default cap on a block's body, in characters
@@ -148,14 +148,18 @@ class BlockFilter:
                     break
         return "".join(visible)
 
-    def flush(self) -> str:
-        """End of text: what is held is shown, unless it is a block (an unclosed one is taken out too)."""
+    def flush(self, *, broken: bool = False) -> str:
+        """End of text: what is held is shown, unless it is a block (an unclosed one is taken out too). With
+        `broken` (the upstream broke off), a block begun is dropped, neither shown nor kept: half a block is not
+        one to store, and an opening tag is never shown; other held text (`<mem`, spaces) is shown."""
         self.released = []
         visible: list[str] = []
         candidate, tail = self._candidate, self._tail
         self._candidate, self._tail = None, ""
         held = "".join(candidate.text) if candidate is not None else ""
-        if candidate is not None and candidate.stage == "body":
+        if candidate is not None and broken:
+            pass
+        elif candidate is not None and candidate.stage == "body":  # cut off (max_tokens): taken out all the same
             self.blocks.append((held + tail)[candidate.head:])
             self.unclosed = True
         elif candidate is not None and candidate.stage == "after":
@@ -262,6 +266,8 @@ class BlockFilter:
         if char == "<":
             close = CLOSE_TAG.match(buffer, at)
             if close is not None:
+                if not is_payload("".join(candidate.text)[candidate.head:]):
+                    return self._reject(at, visible)
                 candidate.body_end = candidate.size
                 candidate.take(close.group())
                 if candidate.fenced:

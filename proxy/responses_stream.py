@@ -25,8 +25,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-import orjson
-
+from proxy import jsontext
 from proxy.blocks import MAX_BLOCK, BlockFilter, Span
 from proxy.logprobs import Logprobs
 from proxy.responses_output import Key, Places, blocks_by_item, kept_logprobs, moved
@@ -69,7 +68,7 @@ class _Held:
 
     def add(self, text: str, logprobs: list[Any]) -> None:
         if text or logprobs:
-            data = self.data if self.data is not None else orjson.loads(self.event.data or "{}")
+            data = self.data if self.data is not None else jsontext.loads(self.event.data or "{}")
             self.data = {**data, "delta": data["delta"] + text}
             if isinstance(data.get("logprobs"), list):
                 self.data["logprobs"] = data["logprobs"] + logprobs
@@ -78,7 +77,7 @@ class _Held:
     def encode(self) -> bytes:
         if self.data is None:
             return self.event.encode()
-        return SSEEvent(orjson.dumps(self.data).decode(), self.event.event, self.event.id, self.event.retry).encode()
+        return SSEEvent(jsontext.dumps(self.data).decode(), self.event.event, self.event.id, self.event.retry).encode()
 
 
 class ResponsesStreamFilter:
@@ -109,12 +108,14 @@ class ResponsesStreamFilter:
             return self._relay()
         return self._drain()
 
-    def flush(self) -> list[bytes]:
+    def flush(self, *, broken: bool = False) -> list[bytes]:
+        """The end of the stream: what is held goes out. `broken`: the upstream broke off (an event cut short is
+        dropped, a block begun too; BlockFilter.flush)."""
         if self.relaying:
             return []
-        for event in self._sse.flush():
+        for event in [] if broken else self._sse.flush():
             self._event(event)
-        self._end_all()
+        self._end_all(broken=broken)
         return self._drain()
 
     def _relay(self) -> list[bytes]:
@@ -123,9 +124,9 @@ class ResponsesStreamFilter:
         self._end_all()
         return [*self._drain(), self._sse.release()]
 
-    def _end_all(self) -> None:
+    def _end_all(self, *, broken: bool = False) -> None:
         for key in list(self._parts):
-            self._end(key)
+            self._end(key, broken=broken)
 
     def _drain(self) -> list[bytes]:
         out = []
@@ -143,8 +144,8 @@ class ResponsesStreamFilter:
 
     def _event(self, event: SSEEvent) -> None:
         try:
-            data = orjson.loads(event.data) if event.data else None
-        except orjson.JSONDecodeError:
+            data = jsontext.loads(event.data) if event.data else None
+        except ValueError:
             data = None
         kind = data.get("type") if isinstance(data, dict) else None
         if not isinstance(data, dict) or not isinstance(kind, str):
@@ -203,12 +204,12 @@ class ResponsesStreamFilter:
         if not held.ready:
             part.held = held
 
-    def _end(self, key: Key) -> None:
+    def _end(self, key: Key, *, broken: bool = False) -> None:
         """The part's text is complete: what its filter held goes out in its last delta."""
         part = self._parts.get(key)
         if part is None:
             return
-        visible = part.filter.flush()
+        visible = part.filter.flush(broken=broken)
         part.released()
         kept = part.logprobs.settle(part.filter.released, part.filter.consumed)
         if part.held is not None:
