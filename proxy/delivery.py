@@ -228,7 +228,7 @@ async def filtered_answer(response: httpx.Response, answer: Answer, remember: Re
     try:
         parsed = jsontext.loads(raw)
         body, blocks = filter_body(parsed, max_block)
-        content = raw if body is parsed else jsontext.dumps(body)
+        content = raw if body is parsed else jsontext.dumps_like(raw, parsed, body)
     except (TypeError, ValueError, KeyError, AttributeError):
         # Not the JSON we know: hand it over as it came. Nothing to remember, nothing to hide.
         blocks, content = {}, raw

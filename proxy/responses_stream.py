@@ -60,15 +60,18 @@ class _Held:
     """A delta event on its way out; while its part has undecided text it waits, and text released later (when
     the part ends) is added to it."""
 
-    def __init__(self, event: SSEEvent, data: dict[str, Any] | None, ready: bool) -> None:
+    def __init__(self, event: SSEEvent, data: dict[str, Any] | None, ready: bool, original: Any = None) -> None:
         self.event = event
         self.data = data  # None: the event goes out as it came
+        self.original = original  # the event's data as read (`data` is a changed copy of it)
         self.ready = ready
         self.size = len(event.data or "")
 
     def add(self, text: str, logprobs: list[Any]) -> None:
         if text or logprobs:
-            data = self.data if self.data is not None else jsontext.loads(self.event.data or "{}")
+            if self.original is None:
+                self.original = jsontext.loads(self.event.data or "{}")
+            data = self.data if self.data is not None else self.original
             self.data = {**data, "delta": data["delta"] + text}
             if isinstance(data.get("logprobs"), list):
                 self.data["logprobs"] = data["logprobs"] + logprobs
@@ -77,7 +80,8 @@ class _Held:
     def encode(self) -> bytes:
         if self.data is None:
             return self.event.encode()
-        return SSEEvent(jsontext.dumps(self.data).decode(), self.event.event, self.event.id, self.event.retry).encode()
+        data = jsontext.dumps_like(self.event.data or "", self.original, self.data).decode()
+        return SSEEvent(data, self.event.event, self.event.id, self.event.retry).encode()
 
 
 class ResponsesStreamFilter:
@@ -136,8 +140,8 @@ class ResponsesStreamFilter:
             out.append(item.encode())
         return out
 
-    def _send(self, event: SSEEvent, data: Any = None, *, ready: bool = True) -> _Held:
-        item = _Held(event, data, ready)
+    def _send(self, event: SSEEvent, data: Any = None, *, ready: bool = True, original: Any = None) -> _Held:
+        item = _Held(event, data, ready, original)
         self._queue.append(item)
         self._queued += item.size
         return item
@@ -176,7 +180,7 @@ class ResponsesStreamFilter:
             if self.response_id is None and isinstance(response.get("id"), str):
                 self.response_id = response["id"]
             new = self._changed(data, "response", self._places.response(response))
-        self._send(event, None if new is data else new)
+        self._send(event, None if new is data else new, original=data)
 
     @staticmethod
     def _changed(data: dict[str, Any], field: str, value: Any) -> dict[str, Any]:
@@ -200,7 +204,7 @@ class ResponsesStreamFilter:
         new = None
         if visible != text or kept != entries:
             new = {**data, "delta": visible, **({"logprobs": kept} if isinstance(entries, list) else {})}
-        held = self._send(event, new, ready=not part.filter.undecided)
+        held = self._send(event, new, ready=not part.filter.undecided, original=data)
         if not held.ready:
             part.held = held
 

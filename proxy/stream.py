@@ -87,7 +87,7 @@ class ChatStreamFilter:
         if not any(_meaningful(choice) for choice in choices) and chunk.get("usage") is None:
             return []
         try:
-            data = jsontext.dumps({**chunk, "choices": choices}).decode()
+            data = jsontext.dumps_like(data, chunk, {**chunk, "choices": choices}).decode()
         except TypeError:  # what JSON cannot carry (a lone surrogate in a key): the event as it came
             return [event.encode()]
         return [SSEEvent(data, event.event, event.id, event.retry).encode()]
