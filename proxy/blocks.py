@@ -9,10 +9,13 @@ What makes a block real (everything else that looks like one is text, and reache
 3. The body is one or more JSON (or Python-literal) values and nothing else: a closing tag inside a quoted string
    does not end it (`"User writes a </memory> tag"`), and a character outside any value that is not `,`, a
    fence or the closing tag (`<memory>[] = xs;`) shows it is not a block.
-4. Past `max_block` characters of body it is not a block either: no model writes that much about a user, and
+4. At the closing tag, the body is a memory payload (proxy.extract.is_payload: memory items, or a garbled
+   attempt at them): `<memory>[1, 2, 3]</memory>` and `<memory>[ ... ]</memory>` are text.
+5. Past `max_block` characters of body it is not a block either: no model writes that much about a user, and
    holding it longer would let a peer fill our memory. The text held so far is released unchanged.
 
-A block closes at its closing tag, or at the end of the answer (a block cut off by `max_tokens`). Whitespace
+A block closes at its closing tag, or at the end of the answer (a block cut off by `max_tokens`; not when the
+upstream broke off: `flush(broken=True)`). Whitespace
 right before a block goes with it, and so does a code fence that the model wrapped around the whole block.
 
 Nothing is held back except what is still undecided: a trailing run of whitespace (at most `MAX_SPACE`), an
