@@ -9,10 +9,13 @@ What makes a block real (everything else that looks like one is text, and reache
 3. The body is one or more JSON (or Python-literal) values and nothing else: a closing tag inside a quoted string
    does not end it (`"User writes a </memory> tag"`), and a character outside any value that is not `,`, a
    fence or the closing tag (`<memory>[] = xs;`) shows it is not a block.
-4. Past `max_block` characters of body it is not a block either: no model writes that much about a user, and
+4. At the closing tag, the body is a memory payload (proxy.extract.is_payload: memory items, or a garbled
+   attempt at them): `<memory>[1, 2, 3]</memory>` and `<memory>[ ... ]</memory>` are text.
+5. Past `max_block` characters of body it is not a block either: no model writes that much about a user, and
    holding it longer would let a peer fill our memory. The text held so far is released unchanged.
 
-A block closes at its closing tag, or at the end of the answer (a block cut off by `max_tokens`). Whitespace
+A block closes at its closing tag, or at the end of the answer (a block cut off by `max_tokens`; not when the
+upstream broke off: `flush(broken=True)`). Whitespace
 right before a block goes with it, and so does a code fence that the model wrapped around the whole block.
 
 Nothing is held back except what is still undecided: a trailing run of whitespace (at most `MAX_SPACE`), an
@@ -25,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from proxy.extract import CLOSE_TAG, OPEN_TAG, OPEN_TAG_MAX, OPEN_TAG_START, TAG_SPACE
+from proxy.extract import CLOSE_TAG, OPEN_TAG, OPEN_TAG_MAX, OPEN_TAG_START, TAG_SPACE, is_payload
 
 Span = tuple[int, int]
 MAX_BLOCK = 64 * 1024  # default cap on a block's body, in characters
@@ -148,14 +151,18 @@ class BlockFilter:
                     break
         return "".join(visible)
 
-    def flush(self) -> str:
-        """End of text: what is held is shown, unless it is a block (an unclosed one is taken out too)."""
+    def flush(self, *, broken: bool = False) -> str:
+        """End of text: what is held is shown, unless it is a block (an unclosed one is taken out too). With
+        `broken` (the upstream broke off), a block begun is dropped, neither shown nor kept: half a block is not
+        one to store, and an opening tag is never shown; other held text (`<mem`, spaces) is shown."""
         self.released = []
         visible: list[str] = []
         candidate, tail = self._candidate, self._tail
         self._candidate, self._tail = None, ""
         held = "".join(candidate.text) if candidate is not None else ""
-        if candidate is not None and candidate.stage == "body":
+        if candidate is not None and broken:
+            pass
+        elif candidate is not None and candidate.stage == "body":  # cut off (max_tokens): taken out all the same
             self.blocks.append((held + tail)[candidate.head:])
             self.unclosed = True
         elif candidate is not None and candidate.stage == "after":
@@ -262,6 +269,8 @@ class BlockFilter:
         if char == "<":
             close = CLOSE_TAG.match(buffer, at)
             if close is not None:
+                if not is_payload("".join(candidate.text)[candidate.head:]):
+                    return self._reject(at, visible)
                 candidate.body_end = candidate.size
                 candidate.take(close.group())
                 if candidate.fenced:

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy import extract
+from proxy import extract, jsontext
 from proxy.config import Settings
 from proxy.errors import BadRequest, ClientGone, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.extraction import Extractor
@@ -62,7 +62,7 @@ class StreamFilter(Protocol):
 
     def decode(self, chunk: bytes) -> list[bytes]: ...
 
-    def flush(self) -> list[bytes]: ...
+    def flush(self, *, broken: bool = False) -> list[bytes]: ...
 
 
 def parts(request: Request) -> tuple[Settings, Upstream, Memories | None, Sessions, Extractor | None]:
@@ -218,6 +218,9 @@ async def filtered_stream(response: httpx.Response, answer: Answer, remember: Re
             yield b"".join(events)
     except httpx.TransportError as exc:
         log.warning("the upstream broke off a stream: %s", exc or type(exc).__name__)
+        events = stream.flush(broken=True)  # text held back (`<mem` that never became a tag) is the client's
+        if events:
+            yield b"".join(events)
         error = {"message": "the upstream broke off its answer", "type": "upstream_error", "param": None,
                  "code": "upstream_disconnected"}
         yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
@@ -262,13 +265,12 @@ async def filtered_answer(response: httpx.Response, answer: Answer, remember: Re
     await close_quietly(response)
     raw = b"".join(answer.head)
     try:
-        parsed = orjson.loads(raw)
+        parsed = jsontext.loads(raw)
         body, blocks = filter_body(parsed, max_block)
-    except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
+        content = raw if body is parsed else jsontext.dumps_like(raw, parsed, body)
+    except (TypeError, ValueError, KeyError, AttributeError):
         # Not the JSON we know: hand it over as it came. Nothing to remember, nothing to hide.
         blocks, content = {}, raw
-    else:
-        content = raw if body is parsed else orjson.dumps(body)
     relayed = AnswerThenRemember(content, response.status_code, lambda: remember(blocks, raw))
     relayed.raw_headers = [*response_headers(response.headers, drop=FILTERED),
                            (b"content-length", str(len(content)).encode()), *ours]

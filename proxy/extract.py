@@ -63,6 +63,8 @@ MAX_STARTS = 32  # most positions tried when looking for JSON inside prose
 
 _FENCE = re.compile(r"```[\w-]*[ \t]*\n?(.*?)```", re.DOTALL)
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
+ATTEMPT = re.compile(r"""["'](?:text|forget|memories)["']\s*:""", re.IGNORECASE)
+_INNER_FENCE = re.compile(r"\A```[\w+.-]*[ \t]*(?:\r\n|\n|\r)|```\Z")  # a fence around the whole payload
 _SHORT_ID = re.compile(r"\[?\s*(m?)\s*(\d+)\s*\]?", re.IGNORECASE)
 
 
@@ -85,6 +87,22 @@ def parse(block: str, extraction: str = "inline") -> list[Operation]:
         log.exception("could not parse a <memory> block")
         metrics.block_unparseable(extraction)
         return []
+
+
+def is_payload(block: str) -> bool:
+    """Pure: whether the text between the tags is a memory payload, so the filter takes it out: it reads (as
+    `parse` reads it) as memory items (objects with a text or forget key, or strings), or as an empty list; or,
+    unreadable, it clearly tries to be one (a `"text"`, `'text'` or `forget` key). `[1, 2, 3]`, `[ ... ]` and
+    `{name}` are not: they are the answer's own text. Linear in the block (at most MAX_BLOCK is read)."""
+    text = _INNER_FENCE.sub("", block.strip()[:MAX_BLOCK]).strip()
+    try:
+        found, value = _decode(text)
+        items = _items(value) if found else [None]
+        if not items or any(_operations(item) for item in items):  # no items at all: an empty block
+            return True
+    except Exception:  # as in parse: an odd value never breaks the answer; the key test below decides
+        pass
+    return ATTEMPT.search(text) is not None
 
 
 def _decode(text: str) -> tuple[bool, Any]:

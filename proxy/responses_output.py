@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
+from proxy import jsontext
 from proxy.blocks import MAX_BLOCK, BlockFilter, Span
 from proxy.logprobs import Logprobs
 from proxy.sse import SSEDecoder
@@ -151,8 +150,8 @@ def response_id(raw: bytes) -> str | None:
     stream is read only up to its first event that carries the response (`response.created`, normally first)."""
     if raw.lstrip()[:1] == b"{":
         try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            body = jsontext.loads(raw)
+        except ValueError:
             return None
         found = body.get("id") if isinstance(body, dict) else None
         return found if isinstance(found, str) else None
@@ -161,8 +160,8 @@ def response_id(raw: bytes) -> str | None:
         last = start + 16 * 1024 >= len(raw)
         for event in decoder.decode(raw[start:start + 16 * 1024]) + (decoder.flush() if last else []):
             try:
-                data = orjson.loads(event.data or "")
-            except orjson.JSONDecodeError:
+                data = jsontext.loads(event.data or "")
+            except ValueError:
                 continue
             response = data.get("response") if isinstance(data, dict) else None
             if isinstance(response, dict) and isinstance(response.get("id"), str):

@@ -25,8 +25,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-import orjson
-
+from proxy import jsontext
 from proxy.blocks import MAX_BLOCK, BlockFilter, Span
 from proxy.logprobs import Logprobs
 from proxy.responses_output import Key, Places, blocks_by_item, kept_logprobs, moved
@@ -61,15 +60,18 @@ class _Held:
     """A delta event on its way out; while its part has undecided text it waits, and text released later (when
     the part ends) is added to it."""
 
-    def __init__(self, event: SSEEvent, data: dict[str, Any] | None, ready: bool) -> None:
+    def __init__(self, event: SSEEvent, data: dict[str, Any] | None, ready: bool, original: Any = None) -> None:
         self.event = event
         self.data = data  # None: the event goes out as it came
+        self.original = original  # the event's data as read (`data` is a changed copy of it)
         self.ready = ready
         self.size = len(event.data or "")
 
     def add(self, text: str, logprobs: list[Any]) -> None:
         if text or logprobs:
-            data = self.data if self.data is not None else orjson.loads(self.event.data or "{}")
+            if self.original is None:
+                self.original = jsontext.loads(self.event.data or "{}")
+            data = self.data if self.data is not None else self.original
             self.data = {**data, "delta": data["delta"] + text}
             if isinstance(data.get("logprobs"), list):
                 self.data["logprobs"] = data["logprobs"] + logprobs
@@ -78,7 +80,8 @@ class _Held:
     def encode(self) -> bytes:
         if self.data is None:
             return self.event.encode()
-        return SSEEvent(orjson.dumps(self.data).decode(), self.event.event, self.event.id, self.event.retry).encode()
+        data = jsontext.dumps_like(self.event.data or "", self.original, self.data).decode()
+        return SSEEvent(data, self.event.event, self.event.id, self.event.retry).encode()
 
 
 class ResponsesStreamFilter:
@@ -109,12 +112,14 @@ class ResponsesStreamFilter:
             return self._relay()
         return self._drain()
 
-    def flush(self) -> list[bytes]:
+    def flush(self, *, broken: bool = False) -> list[bytes]:
+        """The end of the stream: what is held goes out. `broken`: the upstream broke off (an event cut short is
+        dropped, a block begun too; BlockFilter.flush)."""
         if self.relaying:
             return []
-        for event in self._sse.flush():
+        for event in [] if broken else self._sse.flush():
             self._event(event)
-        self._end_all()
+        self._end_all(broken=broken)
         return self._drain()
 
     def _relay(self) -> list[bytes]:
@@ -123,9 +128,9 @@ class ResponsesStreamFilter:
         self._end_all()
         return [*self._drain(), self._sse.release()]
 
-    def _end_all(self) -> None:
+    def _end_all(self, *, broken: bool = False) -> None:
         for key in list(self._parts):
-            self._end(key)
+            self._end(key, broken=broken)
 
     def _drain(self) -> list[bytes]:
         out = []
@@ -135,16 +140,16 @@ class ResponsesStreamFilter:
             out.append(item.encode())
         return out
 
-    def _send(self, event: SSEEvent, data: Any = None, *, ready: bool = True) -> _Held:
-        item = _Held(event, data, ready)
+    def _send(self, event: SSEEvent, data: Any = None, *, ready: bool = True, original: Any = None) -> _Held:
+        item = _Held(event, data, ready, original)
         self._queue.append(item)
         self._queued += item.size
         return item
 
     def _event(self, event: SSEEvent) -> None:
         try:
-            data = orjson.loads(event.data) if event.data else None
-        except orjson.JSONDecodeError:
+            data = jsontext.loads(event.data) if event.data else None
+        except ValueError:
             data = None
         kind = data.get("type") if isinstance(data, dict) else None
         if not isinstance(data, dict) or not isinstance(kind, str):
@@ -175,7 +180,7 @@ class ResponsesStreamFilter:
             if self.response_id is None and isinstance(response.get("id"), str):
                 self.response_id = response["id"]
             new = self._changed(data, "response", self._places.response(response))
-        self._send(event, None if new is data else new)
+        self._send(event, None if new is data else new, original=data)
 
     @staticmethod
     def _changed(data: dict[str, Any], field: str, value: Any) -> dict[str, Any]:
@@ -199,16 +204,16 @@ class ResponsesStreamFilter:
         new = None
         if visible != text or kept != entries:
             new = {**data, "delta": visible, **({"logprobs": kept} if isinstance(entries, list) else {})}
-        held = self._send(event, new, ready=not part.filter.undecided)
+        held = self._send(event, new, ready=not part.filter.undecided, original=data)
         if not held.ready:
             part.held = held
 
-    def _end(self, key: Key) -> None:
+    def _end(self, key: Key, *, broken: bool = False) -> None:
         """The part's text is complete: what its filter held goes out in its last delta."""
         part = self._parts.get(key)
         if part is None:
             return
-        visible = part.filter.flush()
+        visible = part.filter.flush(broken=broken)
         part.released()
         kept = part.logprobs.settle(part.filter.released, part.filter.consumed)
         if part.held is not None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
+from proxy import jsontext, parts
 from proxy.blocks import MAX_BLOCK, BlockFilter
 from proxy.logprobs import Logprobs
 from proxy.sse import MAX_EVENT, SSEDecoder, SSEEvent
@@ -53,10 +52,12 @@ class ChatStreamFilter:
             out += [*self._release_all(), self._sse.spill()]
         return out
 
-    def flush(self) -> list[bytes]:
+    def flush(self, *, broken: bool = False) -> list[bytes]:
+        """The end of the stream: what is held goes out. `broken`: the upstream broke off (an event cut short is
+        dropped, a block begun too; BlockFilter.flush)."""
         if self.relaying:
             return []
-        return self._send(self._sse.flush()) + self._release_all()
+        return ([] if broken else self._send(self._sse.flush())) + self._release_all(broken=broken)
 
     def _send(self, events: list[SSEEvent]) -> list[bytes]:
         out: list[bytes] = []
@@ -73,8 +74,8 @@ class ChatStreamFilter:
 
     def _chunk(self, event: SSEEvent, data: str) -> list[bytes]:
         try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
+            chunk = jsontext.loads(data)
+        except ValueError:
             return [event.encode()]
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
             return [event.encode()]
@@ -85,7 +86,10 @@ class ChatStreamFilter:
         choices = [new for new, old in zip(filtered, chunk["choices"], strict=True) if new is old or _meaningful(new)]
         if not any(_meaningful(choice) for choice in choices) and chunk.get("usage") is None:
             return []
-        data = orjson.dumps({**chunk, "choices": choices}).decode()
+        try:
+            data = jsontext.dumps_like(data, chunk, {**chunk, "choices": choices}).decode()
+        except TypeError:  # what JSON cannot carry (a lone surrogate in a key): the event as it came
+            return [event.encode()]
         return [SSEEvent(data, event.event, event.id, event.retry).encode()]
 
     def _choice(self, choice: Any, position: int) -> Any:
@@ -96,10 +100,13 @@ class ChatStreamFilter:
         delta = choice.get("delta")
         content = delta.get("content") if isinstance(delta, dict) else None
         finishing = choice.get("finish_reason") is not None
-        if not isinstance(content, str) and not finishing:
+        if not isinstance(content, str | list) and not finishing:
             return choice
         # An odd index still gets a filter of its own: content is never let through unfiltered.
         state = self._choices.setdefault(index if isinstance(index, int) else position, _Choice(self.max_block))
+        if isinstance(content, list) and isinstance(delta, dict):  # Mistral's parts; per-token data not tracked
+            filtered = parts.through(content, state.filter, end=finishing)
+            return choice if filtered is content else {**choice, "delta": {**delta, "content": filtered}}
         text = content if isinstance(content, str) else ""
         untouched = not state.filter.undecided and not state.logprobs
         start = state.filter.consumed
@@ -122,17 +129,17 @@ class ChatStreamFilter:
             new["logprobs"] = {**logprobs, "content": kept} if isinstance(logprobs, dict) else {"content": kept}
         return new
 
-    def _release_all(self) -> list[bytes]:
+    def _release_all(self, *, broken: bool = False) -> list[bytes]:
         """The text every choice still holds back, each in a chunk of its own (the stream is ending)."""
         out = []
         for index, state in sorted(self._choices.items()):
-            visible = state.filter.flush()
+            visible = state.filter.flush(broken=broken)
             kept = state.logprobs.settle(state.filter.released, state.filter.consumed)
             if visible:
                 choice = {"index": index, "delta": {"content": visible},
                           "logprobs": {"content": kept} if kept else None, "finish_reason": None}
                 chunk = {"object": "chat.completion.chunk", **self._last, "choices": [choice]}
-                out.append(SSEEvent(orjson.dumps(chunk).decode()).encode())
+                out.append(SSEEvent(jsontext.dumps(chunk).decode()).encode())
         return out
 
 
@@ -169,6 +176,15 @@ def filter_completion(body: dict[str, Any], max_block: int = MAX_BLOCK) -> tuple
     filtered = []
     for position, choice in enumerate(choices):
         message = choice.get("message") if isinstance(choice, dict) else None
+        index = choice.get("index", position) if isinstance(choice, dict) else position
+        if isinstance(message, dict) and isinstance(message.get("content"), list):  # Mistral's parts
+            text_filter = BlockFilter(max_block)
+            content_parts = parts.through(message["content"], text_filter, end=True)
+            if text_filter.blocks:
+                blocks[index if isinstance(index, int) else position] = text_filter.blocks
+            filtered.append(choice if content_parts is message["content"]
+                            else {**choice, "message": {**message, "content": content_parts}})
+            continue
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             filtered.append(choice)
             continue
@@ -178,7 +194,6 @@ def filter_completion(body: dict[str, Any], max_block: int = MAX_BLOCK) -> tuple
         released = text_filter.released
         visible += text_filter.flush()
         if text_filter.blocks:
-            index = choice.get("index", position)
             blocks[index if isinstance(index, int) else position] = text_filter.blocks
         if visible == content:
             filtered.append(choice)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-
+from proxy import jsontext
 from proxy.blocks import BlockFilter
 from proxy.context import is_system
 from proxy.responses_output import texts
@@ -76,8 +75,8 @@ def answer(raw: bytes) -> dict[str, Any] | None:
     """The first choice's assistant message as the client saw it (no `<memory>` block), from a chat.completion
     body or its SSE stream, or a Responses API response or stream; None when there is none."""
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        body = jsontext.loads(raw)
+    except ValueError:
         return streamed_answer(raw)
     if isinstance(body, dict) and body.get("object") == "response":
         return response_answer(body)
@@ -101,8 +100,8 @@ def streamed_answer(raw: bytes) -> dict[str, Any] | None:
         if not event.data or event.data.strip() == "[DONE]":
             continue
         try:
-            chunk = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
+            chunk = jsontext.loads(event.data)
+        except ValueError:
             continue
         if isinstance(chunk, dict) and chunk.get("type") in ("response.completed", "response.incomplete"):
             return response_answer(chunk.get("response"))

@@ -56,6 +56,9 @@ class Reply:
     tool_calls: list[dict[str, Any]] | None = None  # the model calls these tools (content null)
     output: Output | None = None  # a Responses API answer: reasoning, message, calls (default: from `text`)
     split_seed: int | None = None  # Responses API: the body sent in pieces cut at random bytes
+    # The answer's bytes as a server wrote them (a body, or a stream's chunks; drop_after applies): what orjson
+    # never writes, as Python's json.dumps does (`-Infinity`, escaped lone surrogates, `1E2`, big integers).
+    raw: bytes | list[bytes] | None = None
 
 
 # What real chat templates say when a request's role layout does not fit them (vLLM / llama.cpp / Ollama
@@ -194,6 +197,10 @@ class FakeUpstream:
             error = reply.error or {"message": "fake error", "type": "rate_limit_error", "param": None,
                                     "code": "rate_limit_exceeded"}
             return JSONResponse({"error": error}, status_code=reply.status, headers=reply.headers)
+        if isinstance(reply.raw, bytes):
+            return Response(reply.raw, headers=reply.headers, media_type="application/json")
+        if reply.raw is not None:
+            return StreamingResponse(self.raw_stream(reply.raw, reply), media_type="text/event-stream")
         texts = reply.text if isinstance(reply.text, list) else [reply.text] * int(body.get("n") or 1)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -208,6 +215,12 @@ class FakeUpstream:
                         for i, message in enumerate(messages)],
             "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
         }), headers=reply.headers, media_type=reply.media_type or "application/json")
+
+    async def raw_stream(self, chunks: list[bytes], reply: Reply):  # type: ignore[no-untyped-def]
+        for n, chunk in enumerate(chunks):
+            if reply.drop_after is not None and n >= reply.drop_after:
+                raise ConnectionResetError("fake upstream drops the stream")
+            yield chunk
 
     async def stream(self, body: dict[str, Any], texts: list[str], reply: Reply, include_usage: bool):  # type: ignore[no-untyped-def]
         self.streams_open += 1

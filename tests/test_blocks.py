@@ -67,6 +67,10 @@ LOOK_ALIKES = [
     "<memory>{\"text\": \"x\"} said", "if a<b and c>d", "<<>", "<mem!", "<memories>", '{"text": "not a block"}',
     "[1, 2]", "\n```xml\n<domain>\n  <memory>[1]</memory>\n  <memory unit='KiB'>2</memory>\n</domain>\n```\n",
     "\n```ts\nconst xs = new Array<memory>[];\n```\n", "\n```\nplain code\n```\n", "<Memory>:", "<memory >`x`",
+    # Closed like a block, but what they hold is no memory payload (reported from outside):
+    "The tag looks like <memory>[ ... ]</memory> in the docs.", "Array literal: <memory>[1, 2, 3]</memory> is how",
+    '{"a": "<memory>[1]</memory>"}', "<memory>{name}</memory>", "<memory>{}</memory>", "<memory>[1.5, null]</memory>",
+    "<memory>[[1], {\"a\": 2}]</memory>", "<memory>{\"note\": \"x\"}</memory>",
 ]
 plain = st.text(st.characters(blacklist_characters="<`[{" + MARK, blacklist_categories=("Cs",)), max_size=12)
 spaces = st.sampled_from([" ", "\n", "\n\n", "\t", "  ", " \n ", "\u00a0", "\u2003", "\r\n"])
@@ -203,11 +207,11 @@ def test_the_inputs_of_the_issue_at_every_split() -> None:
 
 
 def test_every_character_alone() -> None:
-    text = ("Hi!  <memo> a<b\n\n< MEMORY >[1]</ memory >\tok `<memory>` <memory>x</memory>"
+    text = ("Hi!  <memo> a<b\n\n< MEMORY >['§']</ memory >\tok `<memory>` <memory>x</memory> <memory>[1]</memory>"
             '<memory>[{"text": "§ unclosed </memo')
     shown, blocks = run(list(text))
-    assert shown == "Hi!  <memo> a<b\tok `<memory>` <memory>x</memory>"
-    assert blocks.blocks == ["[1]", '[{"text": "§ unclosed </memo'] and blocks.unclosed
+    assert shown == "Hi!  <memo> a<b\tok `<memory>` <memory>x</memory> <memory>[1]</memory>"
+    assert blocks.blocks == ["['§']", '[{"text": "§ unclosed </memo'] and blocks.unclosed
 
 
 def test_text_is_shown_at_once_and_a_block_never() -> None:
@@ -257,3 +261,23 @@ def test_an_unclosed_candidate_that_is_prose_is_shown() -> None:
     assert strip_blocks("see <memory>[x] for more") == ("see <memory>[x] for more", [])
     assert strip_blocks("cut <memory>\n") == ("cut <memory>\n", [])
     assert strip_blocks('cut <memory>[{"text": "a') == ("cut", ['[{"text": "a'])
+
+
+@settings(max_examples=500, deadline=None)
+@given(answers(), st.data())
+def test_a_stream_broken_anywhere_shows_no_part_of_a_block(answer: Answer, data: st.DataObject) -> None:
+    end = data.draw(st.integers(0, len(answer.text)))
+    blocks = BlockFilter()
+    shown = blocks.feed(answer.text[:end]) + blocks.flush(broken=True)
+    assert MARK not in shown
+    assert blocks.blocks == answer.blocks[:len(blocks.blocks)]  # only blocks closed before the break are kept
+    assert not blocks.unclosed
+
+
+def test_a_broken_stream_shows_what_was_held_that_is_no_block() -> None:
+    for pieces, expected in ((["Hello ", "<mem"], "Hello <mem"), (["Hi", " \n "], "Hi \n "),
+                             (["Hi <memory>", "["], "Hi"), (["a\n```json\n"], "a\n```json\n")):
+        blocks = BlockFilter()
+        shown = "".join(blocks.feed(piece) for piece in pieces)
+        assert shown + blocks.flush(broken=True) == expected
+        assert blocks.blocks == []

@@ -208,3 +208,15 @@ def test_the_date_of_an_event_is_kept_when_it_is_a_date() -> None:
                 ' {"text": "User broke a wrist", "happened_at": "last month"}]')
     assert [op.happened_at for op in ops if isinstance(op, NewMemory)] == ["2024-03-10", "2023-09", None]
     assert "happened_at" in extract.INSTRUCTION and "profile" in extract.INSTRUCTION
+
+
+@pytest.mark.parametrize(("body", "real"), [
+    ('[{"text": "User likes tea"}]', True), ('{"memories": []}', True), ("[]", True), ('["User likes tea"]', True),
+    ('[{"forget": "m3"}]', True), ("```json\n[{'text': 'x'}]\n```", True),
+    ('```json\n{"memories": ["§```"]}\n```', True),
+    ('[{"text": "garbled, ', True), ("[{'text': broken", True),  # unreadable, but clearly a memory attempt
+    ("[ ... ]", False), ("[1, 2, 3]", False), ("[1]", False), ("{name}", False), ("{}", False),
+    ('{"a": 1}', False), ("[null, true]", False),
+])
+def test_what_counts_as_a_memory_payload(body: str, real: bool) -> None:
+    assert extract.is_payload(body) is real

@@ -268,3 +268,24 @@ def test_the_response_id_of_a_raw_answer() -> None:
     assert response_id(b": ping\n\n" + stream.replace(b"\n", b"\r\n")) == "resp_7"
     assert response_id(orjson.dumps(response("resp_8", {}, [], "completed"))) == "resp_8"
     assert response_id(b"") is None and response_id(b"{oops") is None and response_id(b"data: [DONE]\n\n") is None
+
+
+def test_an_event_orjson_refuses_is_still_filtered() -> None:
+    # Python's json.dumps writes -inf as -Infinity, and a lone surrogate as its escape: both are read and kept.
+    raw = ('event: response.output_text.delta\ndata: {"type": "response.output_text.delta", "item_id": "msg_1", '
+           '"output_index": 0, "content_index": 0, "delta": "Hi \\ud83d <memory>[\\"\u00a7\\"]</memory>", '
+           '"logprobs": [{"token": "Hi", "logprob": -Infinity}], "sequence_number": 0}\n\n').encode()
+    stream = ResponsesStreamFilter()
+    out = b"".join(stream.decode(raw) + stream.flush())
+    assert b"<memory>" not in out and b'"delta":"Hi \\ud83d"' in out
+    assert stream.blocks == {0: ['["\u00a7"]']}
+
+
+def test_a_broken_stream_releases_held_text_but_never_half_a_block() -> None:
+    stream = ResponsesStreamFilter()
+    out = stream.decode(delta("Hello ", 0)) + stream.decode(delta("<mem", 1))
+    assert deltas(out + stream.flush(broken=True)) == [(0, "Hello"), (1, " <mem")]
+    stream = ResponsesStreamFilter()
+    out = stream.decode(delta("Hi", 0)) + stream.decode(delta(' <memory>[{"text": "User', 1))
+    assert deltas(out + stream.flush(broken=True)) == [(0, "Hi"), (1, "")]
+    assert stream.blocks == {}

@@ -350,11 +350,12 @@ def test_n2_choices_are_filtered_separately() -> None:
     out = stream.decode(sse({**BASE, "choices": [
         {"index": 0, "delta": {"content": "A <memory>[\"§"}, "finish_reason": None},
         {"index": 1, "delta": {"content": "B <memo"}, "finish_reason": None}]},
-        {**BASE, "choices": [{"index": 1, "delta": {"content": "ry>{\"§\": 1}</memory>!"}, "finish_reason": None},
+        {**BASE, "choices": [{"index": 1, "delta": {"content": "ry>{\"text\": \"§\"}</memory>!"},
+                              "finish_reason": None},
                              {"index": 0, "delta": {"content": "\"]</memory>?"}, "finish_reason": None}]}))
     deltas = [[(c["index"], c["delta"]["content"]) for c in json.loads(e[6:])["choices"]] for e in out]
     assert deltas == [[(0, "A"), (1, "B")], [(1, "!"), (0, "?")]]
-    assert stream.blocks == {0: ['["§"]'], 1: ['{"§": 1}']}
+    assert stream.blocks == {0: ['["§"]'], 1: ['{"text": "§"}']}
 
 
 def test_logprobs_placed_by_bytes_when_tokens_do_not_spell_the_text() -> None:
