@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -32,10 +33,16 @@ def test_the_session_of_a_turn(headers: dict[str, str], body: dict[str, Any], ex
     assert name(request(**headers), body, chains) == expected
 
 
-def test_malformed_names_are_refused() -> None:
-    for body in ({"previous_response_id": 5}, {"conversation": {"id": ""}}, {"previous_response_id": "a\nb"}):
-        with pytest.raises(BadRequest):
-            name(request(), body, Chains())
+def test_only_our_header_is_refused_the_apis_fields_never() -> None:
+    """The API's fields are the upstream's to judge: one that cannot name a session names none, or its digest."""
+    digest = "sha256:" + hashlib.sha256(b"a\nb").hexdigest()
+    for body, expected in (({"previous_response_id": 5}, ""), ({"conversation": {"id": ""}}, ""),
+                           ({"previous_response_id": ""}, ""), ({"previous_response_id": "a\nb"}, digest),
+                           ({"conversation": "a\nb", "previous_response_id": "resp_2"}, digest),
+                           ({"metadata": {"session_id": 7}, "conversation": "c"}, "c")):
+        assert name(request(), body, Chains()) == expected, body
+    with pytest.raises(BadRequest):
+        name(request(X_Memory_Session="a\tb"), {}, Chains())
 
 
 def test_the_map_is_bounded_and_keeps_what_is_used() -> None:
