@@ -29,26 +29,20 @@ import re
 from dataclasses import dataclass, field
 
 from proxy.extract import CLOSE_TAG, OPEN_TAG, OPEN_TAG_MAX, OPEN_TAG_START, TAG_SPACE, is_payload
+from proxy.fences import FENCE_LINE, FENCE_LINE_START, PARTIAL_FENCE, Fences, prefix
 
 Span = tuple[int, int]
 MAX_BLOCK = 64 * 1024  # default cap on a block's body, in characters
-MAX_SPACE = 64  # whitespace held back before a possible block; more than this is shown as it comes
 MAX_GAP = 256  # whitespace allowed between the opening tag and the payload
 
 _S = f"[ \\t]{{0,{TAG_SPACE}}}"
 CLOSE_TAG_START = re.compile(f"<{_S}(?:/{_S}(?:m(?:e(?:m(?:o(?:r(?:y{_S})?)?)?)?)?)?)?", re.IGNORECASE)
-FENCE_OPENER = re.compile(r"```[\w+.-]{0,32}[ \t]*\Z")  # a fence line's start, anchored at the search's endpos
-FENCE_LINE = re.compile(r"```[\w+.-]{0,32}[ \t]*(?:\r\n|\n|\r)")
-FENCE_LINE_START = re.compile(r"`{1,2}|```[\w+.-]{0,32}[ \t]*\r?")  # fullmatch: could still become FENCE_LINE
-PARTIAL_FENCE = re.compile(r"(?:`{1,3}|```[\w+.-]{1,32}[ \t]*|```[ \t]+)\Z")
-TRAILING_SPACE = re.compile(rf"\s{{1,{MAX_SPACE}}}\Z")
 IN_DOUBLE = re.compile(r'["\\]')
 IN_SINGLE = re.compile(r"['\\]")
 # Inside a value, outside strings, JSON and Python literals hold only these (true, false, null, True, None...):
 # the first other character is structure, a string, the closing tag, or a sign that this is not a payload.
 STRUCTURE = re.compile(r"[^\s,:0-9.+\-truefalsnTFNoE]")
 NOT_SPACE = re.compile(r"\S")
-NEWLINE = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass
@@ -74,40 +68,6 @@ class _Candidate:
             self.size += len(piece)
 
 
-class _Fences:
-    """Whether the text shown so far is inside a fenced code block: a line that starts with ``` (after up to
-    three spaces) opens or closes one. Fed incrementally; only a line's first few characters are looked at."""
-
-    def __init__(self) -> None:
-        self.inside = False
-        self._head: str | None = ""  # the current line's start while it may still be a fence line, else None
-
-    @property
-    def line_start(self) -> bool:
-        return self._head == ""
-
-    def feed(self, text: str) -> None:
-        start = 0
-        for newline in NEWLINE.finditer(text):
-            self._line(text[start:min(newline.start(), start + 7)])
-            self._head = ""
-            start = newline.end()
-        self._line(text[start:start + 7])
-
-    def _line(self, piece: str) -> None:
-        if self._head is None or not piece:
-            return
-        head = self._head + piece
-        code = head.lstrip(" ")
-        if len(head) - len(code) > 3 or (code and code != "`" * len(code) and not code.startswith("```")):
-            self._head = None
-        elif code.startswith("```"):
-            self.inside = not self.inside
-            self._head = None
-        else:
-            self._head = head
-
-
 class BlockFilter:
     """`feed(text) -> visible`, `flush() -> visible`; `.blocks` holds the bodies taken out.
 
@@ -124,7 +84,7 @@ class BlockFilter:
         self.released: list[Span] = []
         self._tail = ""  # text fed but not yet scanned to a decision
         self._candidate: _Candidate | None = None
-        self._fences = _Fences()
+        self._fences = Fences()
 
     @property
     def undecided(self) -> int:
@@ -181,11 +141,11 @@ class BlockFilter:
             if end == len(buffer):
                 partial = PARTIAL_FENCE.search(buffer, max(position, end - 40))
                 end = partial.start() if partial is not None else end
-            keep = _prefix(buffer, position, end, self._fences.line_start)[0]
+            keep = prefix(buffer, position, end, self._fences.line_start)[0]
             self._show(visible, buffer[position:keep], base + position)
             self._tail = buffer[keep:]
             return len(buffer)
-        start, fence, fence_end = _prefix(buffer, position, tag.start(), self._fences.line_start)
+        start, fence, fence_end = prefix(buffer, position, tag.start(), self._fences.line_start)
         self._show(visible, buffer[position:start], base + position)
         if fence >= 0 and self._fences.inside:  # that fence line closes a code block: it is text
             self._show(visible, buffer[start:fence_end], base + start)
@@ -342,29 +302,3 @@ def _tag_start(buffer: str, position: int) -> int:
     if start < 0 or not OPEN_TAG_START.fullmatch(buffer, start) or (start > 0 and buffer[start - 1] == "`"):
         return len(buffer)
     return start
-
-
-def _prefix(buffer: str, position: int, end: int, line_start: bool) -> tuple[int, int, int]:
-    """What goes with a block starting at `end`: (where its whitespace begins, and the start and end of a
-    code-fence line right before that whitespace, or -1, -1). Looks no further back than `position`;
-    `line_start` says whether `position` begins a line."""
-    start = _space_before(buffer, position, end)
-    gap = buffer[start:end]
-    if "\n" in gap or "\r" in gap:
-        fence = FENCE_OPENER.search(buffer, max(position, start - 40), start)
-        if fence is not None and _begins_line(buffer, position, fence.start(), line_start):
-            return _space_before(buffer, position, fence.start()), fence.start(), fence.end()
-    return start, -1, -1
-
-
-def _begins_line(buffer: str, position: int, at: int, line_start: bool) -> bool:
-    """Whether `at` begins a line, up to three spaces of indent allowed."""
-    indent = 0
-    while at > position and buffer[at - 1] == " " and indent < 3:
-        at, indent = at - 1, indent + 1
-    return line_start if at == position else buffer[at - 1] in "\r\n"
-
-
-def _space_before(buffer: str, position: int, end: int) -> int:
-    space = TRAILING_SPACE.search(buffer, max(position, end - MAX_SPACE), end)
-    return space.start() if space is not None else end

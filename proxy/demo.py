@@ -60,7 +60,7 @@ class Kind:
 
 KINDS = (
     Kind((r"my name is (?P<v>.+)", r"i(?:'m| am) called (?P<v>.+)", r"call me (?P<v>.+)"),
-         "User's name is {v}", "Nice to meet you, {v}", "fact"),
+         "User's name is {v}", "Nice to meet you, {v}", "profile"),
     Kind((r"i(?:'m| am) (?:an? )?(?P<v>vegetarian|vegan|pescatarian|pescetarian)\b.*",),
          "User is {v}", "Noted: you're {v}", "preference"),
     Kind((r"i (?:now )?(?:live|am living|'m living) in (?P<v>.+)", r"i(?:'m| am) based in (?P<v>.+)",
@@ -69,7 +69,7 @@ KINDS = (
     Kind((r"i work (?:at|for) (?P<v>.+)",), "User works at {v}", "Noted: you work at {v}", "fact"),
     Kind((r"i work as (?P<v>an? .+)",), "User works as {v}", "Noted: you work as {v}", "fact"),
     Kind((r"i(?:'m| am) allergic to (?P<v>.+)",), "User is allergic to {v}", "Noted: you're allergic to {v}",
-         "fact", single=False),
+         "profile", single=False),
     Kind((r"my fav(?:ou?)rite (?P<k>[\w ]+?) is (?P<v>.+)",), "User's favourite {k} is {v}",
          "Noted: your favourite {k} is {v}", "preference"),
     Kind((r"i (?:really )?(?:love|like|enjoy) (?P<v>(?!(?:it|that|this|them|you)\b).+)",), "User likes {v}",

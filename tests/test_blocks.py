@@ -13,7 +13,8 @@ from itertools import combinations, pairwise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.blocks import MAX_SPACE, BlockFilter, strip_blocks
+from proxy.blocks import BlockFilter, strip_blocks
+from proxy.fences import MAX_SPACE
 
 MARK = "§"  # appears in every block body and nowhere else: one leaked character is enough to fail
 

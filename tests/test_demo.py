@@ -64,9 +64,9 @@ def block(reply: str) -> list[Any] | None:
     ("I really love hiking", "User likes hiking"),
 ])
 def test_each_phrasing_becomes_one_memory(said: str, stored: str) -> None:
-    assert block(answer(through_proxy(said))) == [{"text": stored, "category": "preference"
-                                                   if stored.startswith(("User is ve", "User is pe", "User's fav",
-                                                                         "User likes")) else "fact"}]
+    category = ("preference" if stored.startswith(("User is ve", "User is pe", "User's fav", "User likes"))
+                else "profile" if stored.startswith(("User's name", "User is allergic")) else "fact")
+    assert block(answer(through_proxy(said))) == [{"text": stored, "category": category}]
     assert extract.parse(orjson.dumps(block(answer(through_proxy(said)))).decode())[0].text == stored
 
 
@@ -92,7 +92,7 @@ def test_only_a_memory_about_the_same_thing_is_replaced() -> None:
     shown = (hit(1, "User is vegetarian", "preference"), hit(2, "User's favourite colour is green"),
              hit(3, "User likes tea"), hit(4, "User is allergic to nuts"))
     assert block(answer(through_proxy("I'm allergic to peanuts. I like coffee", *shown))) == [
-        {"text": "User is allergic to peanuts", "category": "fact"},
+        {"text": "User is allergic to peanuts", "category": "profile"},
         {"text": "User likes coffee", "category": "preference"}]  # many allergies and likes: none replaced
     assert block(answer(through_proxy("I'm vegan. My favourite food is soup. My favourite colour is red", *shown))) == [
         {"text": "User is vegan", "category": "preference", "replaces": "m1"},
@@ -129,7 +129,7 @@ def test_memories_and_instruction_are_read_wherever_they_are() -> None:
 def test_json_requests_get_the_operations_alone() -> None:
     transcript = {"role": "user", "content": "user: I'm allergic to peanuts\nassistant: Noted, I'm careful."}
     system = {"role": "system", "content": "Extract the memory operations as JSON."}
-    ops = [{"text": "User is allergic to peanuts", "category": "fact"}]
+    ops = [{"text": "User is allergic to peanuts", "category": "profile"}]
     as_object = extraction({"messages": [system, transcript], "response_format": {"type": "json_object"}})
     assert as_object is not None and orjson.loads(as_object) == {"memories": ops}
     schema = {"type": "object", "properties": {"operations": {"type": "array"}}}
