@@ -152,11 +152,12 @@ def test_slow_upstream_is_504(upstream: Upstream, settings_for: Callable[..., Se
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"model": "m", "messages": "hi"}'])
-def test_malformed_chat_request_is_400(proxy: str, upstream: Upstream, body: bytes) -> None:
+def test_malformed_chat_request_is_the_upstreams_400(proxy: str, upstream: Upstream, body: bytes) -> None:
+    """The upstream judges its own API's requests: the proxy forwards what memory cannot read as it came."""
     response = httpx.post(proxy + "/v1/chat/completions", content=body)
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
-    assert upstream[0].chats == []
+    assert upstream[0].requests[-1].body == body
 
 
 def test_unknown_route_outside_v1_is_404_in_openai_shape(proxy: str) -> None:
