@@ -17,7 +17,7 @@ from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Cleaning, Memories
 from proxy.models import Memory, NewMemory, check_user_id, happened_at, is_unicode
-from proxy.passthrough import read_body
+from proxy.passthrough import off_loop, read_body
 from proxy.restore import parse_lines, restore, shown, with_status
 from proxy.routing import SegmentRoute
 from proxy.sessions import Sessions
@@ -64,7 +64,7 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
 async def json_body(request: Request) -> Any:
     body = await read_body(request, request.app.state.settings.max_body_bytes)
     try:
-        return orjson.loads(body)
+        return await off_loop(len(body), lambda: orjson.loads(body))
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 

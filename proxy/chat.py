@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import orjson
@@ -28,7 +29,7 @@ from proxy import delivery, transcript
 from proxy.delivery import Blocks, deliver, identified, operations, parts, recall
 from proxy.errors import BadRequest
 from proxy.extraction import Exchange
-from proxy.passthrough import relay, upstream_path
+from proxy.passthrough import off_loop, relay, upstream_path
 from proxy.plan import EXTRACTION_HEADER, plan
 from proxy.rewrite import rewrite
 from proxy.search import question as search_question
@@ -58,8 +59,9 @@ async def chat_completions(request: Request) -> Response:
     upstream_body, aliases, fault = delivery.injected(rewrite, body, hits, decided, settings, excerpts, fault)
     upstream_body = await sessions.fit(turn, upstream_body)
     unchanged = upstream_body is body and not (turn is not None and turn.prepended)
+    content = raw if unchanged else await off_loop(len(raw), functools.partial(orjson.dumps, upstream_body))
     response = await delivery.unless_client_leaves(request, upstream.send(
-        "POST", path, query, delivery.rewritable(request, upstream), raw if unchanged else orjson.dumps(upstream_body)))
+        "POST", path, query, delivery.rewritable(request, upstream), content))
 
     ours = delivery.memory_headers(aliases, decided.extraction, fault)
     recalled = [hit for hit in hits if hit.memory.id in aliases.values()]

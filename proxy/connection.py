@@ -41,6 +41,7 @@ class Connection(asyncio.Protocol):
         self.head = head  # a HEAD answer announces a body that never comes: the parser must not wait for it
         self.status = 0
         self.headers: RawHeaders = []
+        self.trailers = 0  # trailer fields of a chunked answer: bounded on their own, never part of the head
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.head_room = MAX_HEAD_BYTES  # bytes the response head may still take
@@ -106,6 +107,12 @@ class Connection(asyncio.Protocol):
         self.status = self.parser.get_status_code()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_in:  # a trailer field: the answer's head is out already, and a trailer adds nothing to it
+            self.trailers += 1
+            if self.trailers > MAX_HEADER_FIELDS:
+                self._too_large(f"more than {MAX_HEADER_FIELDS} trailer fields")
+                raise httptools.HttpParserError("too many trailer fields")
+            return
         if len(self.headers) >= MAX_HEADER_FIELDS:
             self._too_large(f"more than {MAX_HEADER_FIELDS} header fields")
             raise httptools.HttpParserError("too many header fields")  # stops the parser at once

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, Protocol
@@ -37,7 +38,7 @@ from proxy.extraction import Extractor
 from proxy.identity import identify, unusable_user
 from proxy.memories import Memories
 from proxy.models import Hit, Operation
-from proxy.passthrough import read_body, relay
+from proxy.passthrough import off_loop, read_body, relay
 from proxy.sessions import Sessions
 from proxy.sniff import Answer, read_answer
 from proxy.upstream import RawHeaders, Upstream, close_quietly, request_headers, response_headers
@@ -85,7 +86,7 @@ async def identified(request: Request, settings: Settings, parse: Callable[[byte
     tenant = gate.client(request)
     raw = await read_body(request, settings.max_body_bytes)
     try:
-        body = parse(raw, settings.max_messages)
+        body = await off_loop(len(raw), lambda: parse(raw, settings.max_messages))
     except BadRequest as exc:
         log.info("memory cannot read this request (%s): forwarded as it came, without memory", exc.message)
         identify(request, {}, settings.user_header, gate, tenant)  # a malformed user header is still ours to refuse
@@ -204,14 +205,18 @@ async def filtered_stream(response: httpx.Response, answer: Answer, remember: Re
     """The upstream's SSE through `stream`. Blocks are remembered when the stream ends, however it ends (the
     client may leave once it has its answer). The raw answer is kept up to `keep_bytes` (0: not at all)."""
     kept = Kept(keep_bytes)
+    pending = 0  # bytes fed since the filter last let an event out: one large event is read in a thread
     try:
         async for chunk in answer.chunks():
             kept.add(chunk)
             for start in range(0, len(chunk), SLICE):
                 if start:  # a large read is thousands of events: let other requests run between slices
                     await asyncio.sleep(0)
-                events = stream.decode(chunk[start:start + SLICE])
+                piece = chunk[start:start + SLICE]
+                pending += len(piece)
+                events = await off_loop(pending, functools.partial(stream.decode, piece))
                 if events:
+                    pending = 0
                     yield b"".join(events)
         events = stream.flush()
         if events:
@@ -264,13 +269,17 @@ async def filtered_answer(response: httpx.Response, answer: Answer, remember: Re
         return untouched(response, answer, remember, ours, keep_bytes=0)
     await close_quietly(response)
     raw = b"".join(answer.head)
-    try:
-        parsed = jsontext.loads(raw)
-        body, blocks = filter_body(parsed, max_block)
-        content = raw if body is parsed else jsontext.dumps_like(raw, parsed, body)
-    except (TypeError, ValueError, KeyError, AttributeError):
-        # Not the JSON we know: hand it over as it came. Nothing to remember, nothing to hide.
-        blocks, content = {}, raw
+
+    def filtered() -> tuple[Blocks, bytes]:
+        try:
+            parsed = jsontext.loads(raw)
+            body, blocks = filter_body(parsed, max_block)
+            return blocks, raw if body is parsed else jsontext.dumps_like(raw, parsed, body)
+        except (TypeError, ValueError, KeyError, AttributeError):
+            # Not the JSON we know: hand it over as it came. Nothing to remember, nothing to hide.
+            return {}, raw
+
+    blocks, content = await off_loop(len(raw), filtered)
     relayed = AnswerThenRemember(content, response.status_code, lambda: remember(blocks, raw))
     relayed.raw_headers = [*response_headers(response.headers, drop=FILTERED),
                            (b"content-length", str(len(content)).encode()), *ours]

@@ -91,14 +91,18 @@ def parse(block: str, extraction: str = "inline") -> list[Operation]:
 
 def is_payload(block: str) -> bool:
     """Pure: whether the text between the tags is a memory payload, so the filter takes it out: it reads (as
-    `parse` reads it) as memory items (objects with a text or forget key, or strings), or as an empty list; or,
-    unreadable, it clearly tries to be one (a `"text"`, `'text'` or `forget` key). `[1, 2, 3]`, `[ ... ]` and
-    `{name}` are not: they are the answer's own text. Linear in the block (at most MAX_BLOCK is read)."""
+    `parse` reads it) as memory items (objects or strings, one at least an operation: a text or forget key, a
+    string), or as an empty list; or, unreadable, it clearly tries to be one (a `"text"`, `'text'` or `forget`
+    key). `[1, 2, 3]`, `[1, "a"]`, `[[]]`, `[ ... ]` and `{name}` are not: they are the answer's own text.
+    Linear in the block (at most MAX_BLOCK is read)."""
     text = _INNER_FENCE.sub("", block.strip()[:MAX_BLOCK]).strip()
     try:
         found, value = _decode(text)
         items = _items(value) if found else [None]
-        if not items or any(_operations(item) for item in items):  # no items at all: an empty block
+        if not items:  # no items: an empty block (`[]`, `{"memories": []}`), not an empty structure (`[[]]`)
+            return value == [] or (isinstance(value, dict) and any(value.get(key) == [] for key in LIST_KEYS))
+        # every element an object or a string (`[1, "a"]`, `[[]]` are data), one of them at least an operation
+        if all(isinstance(item, dict | str) for item in items) and any(_operations(item) for item in items):
             return True
     except Exception:  # as in parse: an odd value never breaks the answer; the key test below decides
         pass

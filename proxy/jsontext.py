@@ -34,7 +34,8 @@ INT_RANGE = (-(2**63), 2**64)  # what orjson reads and writes as an integer
 
 def loads(text: str | bytes) -> Any:
     """The JSON value of `text`. Raises ValueError (orjson.JSONDecodeError or json.JSONDecodeError, both
-    subclasses; UnicodeDecodeError for bytes that are not UTF-8) when neither reader takes it."""
+    subclasses; UnicodeDecodeError for bytes that are not UTF-8) when neither reader takes it, JSON nested deeper
+    than orjson's 1024 levels among it."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -44,7 +45,10 @@ def loads(text: str | bytes) -> Any:
 def exact(text: str | bytes) -> Any:
     """The standard library's reading, every number orjson would not write back as it came an orjson.Fragment
     of its token (`-Infinity` and `NaN` too). Raises ValueError as loads() does."""
-    return json.loads(text, parse_float=orjson.Fragment, parse_int=_int, parse_constant=orjson.Fragment)
+    try:
+        return json.loads(text, parse_float=orjson.Fragment, parse_int=_int, parse_constant=orjson.Fragment)
+    except RecursionError:  # the standard library recurses per level: past ~1000 it gives up this way
+        raise ValueError("JSON nested too deeply to read") from None
 
 
 def dumps_like(text: str | bytes, original: Any, new: Any) -> bytes:
@@ -57,8 +61,8 @@ def dumps_like(text: str | bytes, original: Any, new: Any) -> bytes:
 
 
 def dumps(value: Any) -> bytes:
-    """`value` as JSON bytes. Raises TypeError (orjson.JSONEncodeError) for what JSON cannot hold, a lone
-    surrogate in an object key among them."""
+    """`value` as JSON bytes (lone surrogates, in strings and object keys alike, as `\\udXXX` escapes). Raises
+    TypeError (orjson.JSONEncodeError) for what JSON cannot hold."""
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:
@@ -88,12 +92,20 @@ def _escaped(value: Any) -> Any:
     """`value` with every string holding a lone surrogate replaced by its JSON text, the surrogate escaped
     (UTF-8 cannot carry it; the escape is what the upstream sent)."""
     if isinstance(value, str):
-        if LONE_SURROGATE.search(value) is None:
-            return value
-        quoted = json.dumps(value, ensure_ascii=False)
-        return orjson.Fragment(LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", quoted))
+        return value if LONE_SURROGATE.search(value) is None else orjson.Fragment(_quoted(value))
     if isinstance(value, dict):
-        return {key: _escaped(item) for key, item in value.items()}
+        items = {key: _escaped(item) for key, item in value.items()}
+        if not any(isinstance(key, str) and LONE_SURROGATE.search(key) for key in items):
+            return items
+        # orjson takes only valid str keys: this object is written here, its values still by orjson
+        return orjson.Fragment(b"{" + b",".join(_quoted(str(key)) + b":" + orjson.dumps(item)
+                                               for key, item in items.items()) + b"}")
     if isinstance(value, list | tuple):
         return [_escaped(item) for item in value]
     return value
+
+
+def _quoted(text: str) -> bytes:
+    """`text` as a JSON string in UTF-8, its lone surrogates as `\\udXXX` escapes."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", quoted).encode()

@@ -21,6 +21,7 @@ for chats); sessions record the turns and recall past conversations.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import orjson
@@ -31,7 +32,7 @@ from proxy import chains, delivery, transcript
 from proxy.delivery import Blocks, deliver, identified, operations, parts, recall
 from proxy.errors import BadRequest
 from proxy.extraction import Exchange
-from proxy.passthrough import relay, upstream_path
+from proxy.passthrough import off_loop, relay, upstream_path
 from proxy.plan import EXTRACTION_HEADER
 from proxy.responses_input import newest_user_text, plan_response, rewrite_response, turn_messages
 from proxy.responses_output import filter_response, response_id
@@ -59,7 +60,7 @@ async def create_response(request: Request) -> Response:
     excerpts = await sessions.recall(user, turn, question)
     upstream_body, aliases, fault = delivery.injected(rewrite_response, body, hits, decided, settings, excerpts,
                                                       fault)
-    content = raw if upstream_body is body else orjson.dumps(upstream_body)
+    content = raw if upstream_body is body else await off_loop(len(raw), functools.partial(orjson.dumps, upstream_body))
     response = await delivery.unless_client_leaves(request, upstream.send(
         "POST", path, query, delivery.rewritable(request, upstream), content))
 

@@ -71,7 +71,7 @@ def memory_date(memory: Memory) -> str:
         return f"happened {when}"
     try:
         return f"noted {datetime.fromtimestamp(memory.created_at, UTC).date().isoformat()}"
-    except (ValueError, OverflowError, OSError):  # a row no write path of ours makes: shown undated, never a 500
+    except (TypeError, ValueError, OverflowError, OSError):  # a row no write path of ours makes: shown undated
         return "undated"
 
 

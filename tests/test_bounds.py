@@ -7,6 +7,7 @@ the upstream is a raw ASGI app in this process that writes its answer in 1 MiB p
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ import httpx
 import orjson
 import pytest
 
+from proxy import chat
+from proxy.app import create_app
+from proxy.config import Settings
+from tests.fakeupstream import FakeUpstream, Reply
 from tests.servers import peak_rss, running, serving
 
 MIB = 1024 * 1024
@@ -104,3 +109,28 @@ def test_memory_stays_bounded_whatever_the_answer(case: str, tmp_path: Path) -> 
     assert tail.endswith(b"[DONE]\n\n" if stream else b'"}}]}')
     assert grown < 48, f"peak RSS grew {grown:.0f} MiB relaying {size / MIB:.0f} MiB"
 
+
+
+def test_large_json_is_read_off_the_event_loop(upstream: tuple[FakeUpstream, str],
+                                               settings_for: Callable[..., Settings],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 MB of `[],` take orjson seconds to read: a large request or answer is read in a thread, a small one
+    where it is (a thread costs more than the read)."""
+    on_loop: dict[str, list[bool]] = {"request": [], "answer": []}
+
+    def spied(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(*args: Any) -> Any:
+            on_loop[name].append(asyncio._get_running_loop() is not None)
+            return real(*args)
+        return spy
+
+    monkeypatch.setattr(chat, "parse_request", spied("request", chat.parse_request))
+    monkeypatch.setattr(chat, "filter_completion", spied("answer", chat.filter_completion))
+    fake, url = upstream
+    with running(create_app(settings_for(url), environ={})) as proxy:
+        for size in (10, 400_000):
+            fake.reply(Reply(text="Hi " + "x" * size + ' <memory>["User likes tea"]</memory>'))
+            response = httpx.post(f"{proxy}/v1/chat/completions", headers={"X-Memory-User": "big"}, timeout=60,
+                                  json={"model": "m", "messages": [{"role": "user", "content": "hi " * size}]})
+            assert response.status_code == 200 and "<memory>" not in response.text
+    assert on_loop == {"request": [True, False], "answer": [True, False]}

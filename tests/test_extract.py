@@ -216,7 +216,8 @@ def test_the_date_of_an_event_is_kept_when_it_is_a_date() -> None:
     ('```json\n{"memories": ["§```"]}\n```', True),
     ('[{"text": "garbled, ', True), ("[{'text': broken", True),  # unreadable, but clearly a memory attempt
     ("[ ... ]", False), ("[1, 2, 3]", False), ("[1]", False), ("{name}", False), ("{}", False),
-    ('{"a": 1}', False), ("[null, true]", False),
+    ('{"a": 1}', False), ("[null, true]", False), ("[[]]", False), ('[1, "a"]', False), ("[[1], []]", False),
+    ('[{"text": "User likes tea"}, {"oops": 1}]', True),  # one odd item does not make a real block text
 ])
 def test_what_counts_as_a_memory_payload(body: str, real: bool) -> None:
     assert extract.is_payload(body) is real

@@ -266,3 +266,37 @@ def test_giant_heads_cost_memory_that_does_not_grow_with_them(tmp_path: Path) ->
     finally:
         upstream.close()
     assert grown < 24, f"peak RSS grew {grown:.0f} MiB for 3 x 48 MiB request heads and an endless response head"
+
+
+def test_trailer_fields_are_not_counted_with_the_head(settings_for: Callable[..., Settings],
+                                                      start_proxy: Callable[..., str]) -> None:
+    """900 header fields and 900 trailer fields are each within the bound: the answer goes through (with the
+    head's fields, not the trailers': the client's head is out before they come)."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    completion = orjson.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": 'Hi <memory>["User likes tea"]</memory>'},
+         "finish_reason": "stop"}]})
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = sock.accept()
+                with conn:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    head = b"".join(b"x-h%d: v\r\n" % i for i in range(900))
+                    trailers = b"".join(b"x-t%d: v\r\n" % i for i in range(900))
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n" + head
+                                 + b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n%s\r\n"
+                                 % (len(completion), completion, trailers))
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        proxy = start_proxy(settings_for(f"http://127.0.0.1:{sock.getsockname()[1]}/v1"))
+        response = httpx.post(proxy + "/v1/chat/completions", content=CHAT,
+                              headers={"content-type": "application/json", "x-memory-user": "alice"})
+        assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "Hi"
+        assert response.headers["x-h899"] == "v" and "x-t0" not in response.headers
+    finally:
+        sock.close()

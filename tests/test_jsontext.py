@@ -37,9 +37,15 @@ def test_what_neither_reader_takes_is_a_value_error() -> None:
             loads(bad)
 
 
-def test_a_surrogate_in_a_key_is_a_type_error() -> None:
-    with pytest.raises(TypeError):
-        dumps({"\ud83d": 1})
+def test_a_surrogate_in_a_key_is_escaped_too() -> None:
+    text = r'{"x\udc00": 1, "a": {"\ud800k": ["\ud83d", 1E2]}, "\ud83d\ude00": "ok"}'
+    assert dumps(loads(text)) == '{"x\\udc00":1,"a":{"\\ud800k":["\\ud83d",1E2]},"😀":"ok"}'.encode()
+    assert json.loads(dumps(loads(text))) == json.loads(text)
+
+
+def test_nesting_past_what_a_reader_takes_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="nested"):
+        loads("[" * 5000 + "]" * 5000)
 
 
 tokens = st.one_of(

@@ -226,8 +226,8 @@ def test_memories_show_their_dates_and_today_profile_first() -> None:
     assert render_memories([], max_chars=2000) == ("", {})
 
 
-@pytest.mark.parametrize("created_at", [1_764_553_600_000.0, 1e300, -1e20])
-def test_a_date_no_calendar_holds_renders_undated(created_at: float) -> None:
+@pytest.mark.parametrize("created_at", [1_764_553_600_000.0, 1e300, -1e20, "abc", None])
+def test_a_date_no_calendar_holds_renders_undated(created_at: Any) -> None:
     """A row no write path of ours makes (an older version's import, another writer) never fails the chat."""
     odd = Hit(Memory(id="x", user="u", text="User plays the cello", category="fact", source="import",
                      created_at=created_at, updated_at=created_at), 0.5)
