@@ -163,7 +163,7 @@ class Extractor:
             metrics.extraction_call(status == 200, prompt, completion)
             if status == 200:
                 return answer_text(data)
-            if status == 400 and schema:  # most likely response_format: ask again without it, and remember
+            if schema and refused_schema(status, data):  # ask again without response_format, and remember
                 self.no_schema.add(model)
                 log.info("the extraction model %r refused response_format json_schema: asking for plain JSON", model)
                 continue
@@ -219,6 +219,19 @@ def tokens(usage: Any) -> tuple[int, int]:
         return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     except (TypeError, ValueError):
         return 0, 0
+
+
+def refused_schema(status: int, data: Any) -> bool:
+    """Whether the answer to a call sent with `response_format` json_schema refuses that option: a 400 (most
+    likely it), or another error (not a 429) whose JSON body names it, in whatever shape the server gives it:
+    llama-cpp-python's server (0.3.x) answers a json_schema it does not know with a 500 quoting its validation
+    error on `response_format`, FastAPI's default is a 422 `{"detail": [{"loc": ["body", "response_format", ...]}]}`."""
+    if status == 400:
+        return True
+    if status < 400 or status == 429 or not isinstance(data, dict | list):
+        return False
+    text = orjson.dumps(data)
+    return b"response_format" in text or b"json_schema" in text
 
 
 def answer_text(data: Any) -> str:

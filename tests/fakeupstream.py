@@ -69,6 +69,20 @@ TEMPLATE_ERRORS = {
 }
 
 
+# How servers without structured outputs refuse `response_format` json_schema. llama-cpp-python's server (0.3.36,
+# measured) answers its request validation error with a 500 that quotes it, the traceback's last frame included.
+SCHEMA_REFUSALS: dict[str, tuple[int, dict[str, Any]]] = {
+    "400": (400, {"message": "response_format is not supported", "type": "BadRequestError",
+                  "param": "response_format", "code": 400}),
+    "llama-cpp-python": (500, {"message": "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', "
+                               "'response_format', 'type'), 'msg': \"Input should be 'text' or 'json_object'\", "
+                               "'input': 'json_schema', 'ctx': {'expected': \"'text' or 'json_object'\"}}\n\n  "
+                               "File \"/venv/lib/python3.11/site-packages/llama_cpp/server/app.py\", line 376, in "
+                               "create_chat_completion\n    POST /v1/chat/completions",
+                               "type": "internal_server_error", "param": None, "code": None}),
+}
+
+
 def is_extraction(body: Any) -> bool:
     """A background extraction call of the proxy (its prompt opens the one user message)."""
     try:
@@ -81,7 +95,7 @@ class FakeUpstream:
     def __init__(self, template: str | None = None) -> None:
         self.template = template
         self.extraction_replies: deque[Reply] = deque()
-        self.refuse_schema = False
+        self.refuse_schema: str | None = None  # a key of SCHEMA_REFUSALS
         self.requests: list[Recorded] = []
         self.replies: deque[Reply] = deque()
         self.streams_open = 0
@@ -127,10 +141,11 @@ class FakeUpstream:
 
     async def extract(self, body: dict[str, Any]) -> Response:
         """The extraction model: answers from `extraction_replies` (a Reply whose text is the JSON it writes).
-        Like servers that lack structured outputs, it can refuse `response_format` (`refuse_schema`)."""
+        Like servers that lack structured outputs, it can refuse `response_format` (`refuse_schema`), each server
+        in its own way (SCHEMA_REFUSALS)."""
         if self.refuse_schema and "response_format" in body:
-            return JSONResponse({"error": {"message": "response_format is not supported", "type": "BadRequestError",
-                                           "param": "response_format", "code": 400}}, status_code=400)
+            status, error = SCHEMA_REFUSALS[self.refuse_schema]
+            return JSONResponse({"error": error}, status_code=status)
         reply = self.extraction_replies.popleft() if self.extraction_replies else Reply('{"memories": []}')
         if reply.delay:
             await asyncio.sleep(reply.delay)

@@ -19,8 +19,9 @@ from starlette.applications import Starlette
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.extract import INSTRUCTION, PLACEHOLDER
+from proxy.extraction import refused_schema
 from proxy.server import server_options
-from tests.fakeupstream import FakeUpstream, Reply
+from tests.fakeupstream import SCHEMA_REFUSALS, FakeUpstream, Reply
 from tests.injected import instruction_sent
 from tests.servers import running
 
@@ -187,11 +188,12 @@ def test_the_header_may_only_lower_what_the_operator_allows(
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Memory-Extraction"
 
 
+@pytest.mark.parametrize("server", ["400", "llama-cpp-python"])
 def test_a_rate_limited_call_is_retried_and_a_refused_schema_is_asked_again_without(
-        serve: Callable[..., Running]) -> None:
+        serve: Callable[..., Running], server: str) -> None:
     run = serve(extraction="background")
     fake, proxy, app = run.fake, run.proxy, run.app
-    fake.refuse_schema = True
+    fake.refuse_schema = server
     fake.extraction_replies.extend([Reply(status=429, headers={"retry-after": "0.2"}),
                                     Reply('Sure! {"memories": [{"text": "User plays the cello", "category": '
                                           '"preference", "replaces": null}]}')])
@@ -201,6 +203,19 @@ def test_a_rate_limited_call_is_retried_and_a_refused_schema_is_asked_again_with
     calls = [c.json() for c in fake.extractions]
     assert "response_format" in calls[0] and all("response_format" not in c for c in calls[1:])
     assert app.state.extractor.stats.retried == 1
+
+
+@pytest.mark.parametrize(("status", "data", "refused"), [
+    (400, None, True),
+    (500, {"error": SCHEMA_REFUSALS["llama-cpp-python"][1]}, True),
+    (422, {"detail": [{"loc": ["body", "response_format", "type"], "msg": "Input should be 'text'"}]}, True),
+    (500, {"error": {"message": "CUDA out of memory", "type": "server_error"}}, False),
+    (503, None, False),
+    (429, {"error": {"message": "slow down: response_format calls are rate limited"}}, False),
+    (200, {"choices": []}, False),
+])
+def test_a_refused_schema_is_told_from_a_failure_worth_retrying(status: int, data: Any, refused: bool) -> None:
+    assert refused_schema(status, data) is refused
 
 
 def test_replaces_and_forget_resolve_short_ids_as_inline_does(
