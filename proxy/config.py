@@ -120,6 +120,8 @@ class Settings:
     extract_key: str = setting("", "Key for extraction calls (sent as Bearer); default: the chat request's own "
                                    "credentials, or upstream_key.")
     extract_timeout: float = setting(60.0, "Seconds one extraction call may take.")
+    extract_max_tokens: int = setting(1024, "Most tokens one extraction call may answer with (`max_tokens`, or "
+                                      "`max_completion_tokens` where the model refuses it); 0: no bound.")
     extract_coalesce_seconds: float = setting(2.0, "Turns of one user within this many seconds go to one "
                                                    "extraction call.")
     extract_queue: int = setting(1000, "Turns waiting for background extraction before new ones are dropped.")

@@ -261,10 +261,13 @@ EXTRACTION_FORMAT = {"type": "json_schema", "json_schema": {"name": "memory_oper
 
 
 def extraction_request(model: str, turns: Sequence[tuple[str, str, str]], shown: str, today: str, *,
-                       json_schema: bool = True) -> dict[str, Any]:
+                       json_schema: bool = True, max_tokens: int = 0,
+                       token_field: str = "max_tokens") -> dict[str, Any]:
     """The extraction call's body. `turns` are (when, what the user said, the answer); `shown` is the rendered
     memories (proxy.rewrite.render_memories) or ""; `today` the date of the newest turn (YYYY-MM-DD).
-    One user message, no system message: every chat template accepts that layout."""
+    One user message, no system message: every chat template accepts that layout. `max_tokens` (> 0) bounds the
+    answer under `token_field`: a small model that rambles (measured: SmolLM2-135M ran to its 4,096-token
+    context, 180 s a call on 2 cores) stops there instead of holding the model."""
     parts = [EXTRACTION_PROMPT, f"Date of the turn: {today}", "Memories:\n" + (shown or "(none)")]
     for n, (when, said, answer) in enumerate(turns, start=1):
         parts.append(f"Turn {n} ({when}):\nUser: {said}\nAssistant: {answer}")
@@ -272,6 +275,8 @@ def extraction_request(model: str, turns: Sequence[tuple[str, str, str]], shown:
                             "messages": [{"role": "user", "content": "\n\n".join(parts)}]}
     if json_schema:
         body["response_format"] = EXTRACTION_FORMAT
+    if max_tokens > 0:
+        body[token_field] = max_tokens
     return body
 
 

@@ -84,6 +84,8 @@ class Extractor:
         self.retries = settings.extract_retries
         self.stats = Stats()
         self.no_schema: set[str] = set()  # models whose upstream refused response_format json_schema
+        self.max_tokens = settings.extract_max_tokens
+        self.completion_field: set[str] = set()  # models that refused max_tokens (OpenAI's reasoning models)
         self._waiting: dict[str, list[Exchange]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(CALLS)
@@ -153,7 +155,9 @@ class Extractor:
         attempt = 0
         while True:
             schema = model not in self.no_schema
-            body = orjson.dumps(extract.extraction_request(model, rows, shown, today, json_schema=schema))
+            field = "max_completion_tokens" if model in self.completion_field else "max_tokens"
+            body = orjson.dumps(extract.extraction_request(model, rows, shown, today, json_schema=schema,
+                                                           max_tokens=self.max_tokens, token_field=field))
             self.stats.calls += 1
             status, data, retry_after = await self.post(headers, body)
             usage = data.get("usage") if isinstance(data, dict) else None
@@ -163,6 +167,10 @@ class Extractor:
             metrics.extraction_call(status == 200, prompt, completion)
             if status == 200:
                 return answer_text(data)
+            if self.max_tokens and field == "max_tokens" and refused_field(status, data, b"max_tokens"):
+                self.completion_field.add(model)  # OpenAI's o-series: "Use 'max_completion_tokens' instead."
+                log.info("the extraction model %r refused max_tokens: bounding it by max_completion_tokens", model)
+                continue
             if schema and refused_schema(status, data):  # ask again without response_format, and remember
                 self.no_schema.add(model)
                 log.info("the extraction model %r refused response_format json_schema: asking for plain JSON", model)
@@ -219,6 +227,11 @@ def tokens(usage: Any) -> tuple[int, int]:
         return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     except (TypeError, ValueError):
         return 0, 0
+
+
+def refused_field(status: int, data: Any, name: bytes) -> bool:
+    """Whether a 400 names the request field `name` as the reason (in its `param` or its message)."""
+    return status == 400 and isinstance(data, dict) and name in orjson.dumps(data.get("error"))
 
 
 def refused_schema(status: int, data: Any) -> bool:

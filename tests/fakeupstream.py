@@ -96,6 +96,7 @@ class FakeUpstream:
         self.template = template
         self.extraction_replies: deque[Reply] = deque()
         self.refuse_schema: str | None = None  # a key of SCHEMA_REFUSALS
+        self.reasoning = False  # refuses `max_tokens` in an extraction call, as OpenAI's reasoning models do
         self.requests: list[Recorded] = []
         self.replies: deque[Reply] = deque()
         self.streams_open = 0
@@ -143,6 +144,11 @@ class FakeUpstream:
         """The extraction model: answers from `extraction_replies` (a Reply whose text is the JSON it writes).
         Like servers that lack structured outputs, it can refuse `response_format` (`refuse_schema`), each server
         in its own way (SCHEMA_REFUSALS)."""
+        if self.reasoning and "max_tokens" in body:  # OpenAI's o-series, word for word
+            return JSONResponse({"error": {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                           "'max_completion_tokens' instead.", "type": "invalid_request_error", "param": "max_tokens",
+                "code": "unsupported_parameter"}}, status_code=400)
         if self.refuse_schema and "response_format" in body:
             status, error = SCHEMA_REFUSALS[self.refuse_schema]
             return JSONResponse({"error": error}, status_code=status)

@@ -205,6 +205,21 @@ def test_a_rate_limited_call_is_retried_and_a_refused_schema_is_asked_again_with
     assert app.state.extractor.stats.retried == 1
 
 
+@pytest.mark.parametrize("reasoning", [False, True])
+def test_the_extraction_answer_is_bounded_whatever_the_model_calls_the_bound(
+        serve: Callable[..., Running], reasoning: bool) -> None:
+    run = serve(extraction="background", extract_max_tokens=300)
+    run.fake.reasoning = reasoning
+    run.fake.extraction_replies.append(Reply('{"memories": [{"text": "User plays the oboe"}]}'))
+    run.fake.reply("Lovely.")
+    post(run.proxy, body("I play the oboe."))
+    assert [m["text"] for m in memories(run.proxy, "alice", expect=1)] == ["User plays the oboe"]
+    calls = [c.json() for c in run.fake.extractions]
+    assert calls[-1].get("max_completion_tokens" if reasoning else "max_tokens") == 300
+    assert len(calls) == (2 if reasoning else 1)  # a refused max_tokens is asked once more, with the other name
+    assert run.app.state.extractor.completion_field == ({"small-model"} if reasoning else set())  # remembered
+
+
 @pytest.mark.parametrize(("status", "data", "refused"), [
     (400, None, True),
     (500, {"error": SCHEMA_REFUSALS["llama-cpp-python"][1]}, True),
