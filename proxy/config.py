@@ -99,8 +99,8 @@ class Settings:
                                                    "timestamp (clock skew included).")
     user_signature_legacy: bool = setting(False, "Also accept the old unexpiring signature (hex HMAC of the user id "
                                                  "alone) while gateways move to the timestamped one.")
-    max_messages: int = setting(2048, "Most messages memory reads in one chat request (items of a Responses `input`); a "
-                                "request with more is forwarded as it came, without memory.")
+    max_messages: int = setting(2048, "Most messages memory reads in one chat request (items of a Responses "
+                                "`input`); a request with more is forwarded as it came, without memory.")
     memory_placement: str = setting("user", "Where recalled memories go: user (at the start of the last user "
                                             "message; the prompt prefix stays cacheable) or system (in the first "
                                             "system/developer message). No message is ever added.")
