@@ -79,7 +79,8 @@ def plan(body: dict[str, Any], placement: str = "user", *, extraction: str = "in
     model = model if isinstance(model, str) else ""
     if not reason and any(fnmatchcase(model, pattern) for pattern in background_models):
         reason = "a model listed as not following the instruction"
-    mode = turn_mode(extraction, asked, block_possible=not reason) if user is not None else "off"
+    mode = turn_mode(extraction, asked, block_possible=not reason)  # the header is checked on every request
+    mode = mode if user is not None else "off"  # no user text: nothing to learn
     memories_at = system if placement == "system" and system is not None else user
     instruction_at = system if system is not None else user
     return Plan(recall=memories_at is not None, extraction=mode, reason=reason, memories_at=memories_at,

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.errors import BadRequest
 from proxy.models import CATEGORIES, Hit, Memory, category_of
 from proxy.plan import plan
 from proxy.rewrite import EXCERPTS_HEADER, MEMORIES_HEADER, last_user_text, quote, render_memories, rewrite
@@ -233,3 +234,11 @@ def test_a_date_no_calendar_holds_renders_undated(created_at: Any) -> None:
                      created_at=created_at, updated_at=created_at), 0.5)
     assert render_memories([odd], max_chars=2000, today="2025-03-01")[0].splitlines()[3] == \
         '[m1] (fact, undated) "User plays the cello"'
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "assistant", "content": "Hi"}],
+                                      [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]])
+def test_the_extraction_header_is_checked_even_when_there_is_nothing_to_learn(messages: list[Any]) -> None:
+    with pytest.raises(BadRequest):
+        plan({"model": "m", "messages": messages}, asked="always")
+    assert plan({"model": "m", "messages": messages}, asked="off").extraction == "off"
