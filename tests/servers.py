@@ -17,6 +17,14 @@ import httpx
 import uvicorn
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 @contextmanager
 def running(app: Any, sock: socket.socket | None = None, **options: Any) -> Iterator[str]:
     """Serve `app` on a free port of 127.0.0.1 (or on `sock`, bound already) until the block ends; yields its

@@ -34,7 +34,7 @@ from proxy.store.postgres import MIGRATIONS, PostgresStore
 from proxy.store.sqlite import SqliteStore
 from tests.fakeupstream import FakeUpstream
 from tests.pgserver import Databases, PostgresServer, postgres_databases, postgres_location, postgres_server
-from tests.servers import running
+from tests.servers import free_port, running
 from tests.test_store import BASIS, DEDUPE, DIM, QUERY, near, random_units, stack, toward
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,13 +264,6 @@ def test_migrate_refuses_a_missing_source_and_the_same_store(tmp_path: Path,
 
 
 # --- two real proxy processes on one database ----------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 @contextlib.contextmanager
 def proxy_process(db: str, upstream: str, home: Path, *extra: str) -> Iterator[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.use import NAME as DEFAULT_MODEL
 from tests.fakeupstream import FakeUpstream
-from tests.servers import running
+from tests.servers import free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = {"admin_token": "admin-secret-4242-abcdef", "upstream_key": "sk-upstream-secret-7777",
@@ -57,13 +56,6 @@ class Serve:
             if line["logger"] == "memory_proxy.access" and line["path"] == path:
                 counts[line["pid"]] = counts.get(line["pid"], 0) + 1
         return counts
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.servers import free_port
 from tests.test_demo import RECALL_BUDGET_MS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,13 +38,6 @@ def walkthrough(readme: str) -> list[str]:
     section = readme.split("\n## The first ten minutes\n", 1)[1].split("\n## ", 1)[0]
     block = section.split("```sh\n", 1)[1].split("\n```", 1)[0]
     return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, seconds: float = 180) -> None:
