@@ -115,3 +115,63 @@ async def test_the_upgrade_keeps_existing_memories_recallable(postgres_location:
         assert old.valid_until == 200.0 and new.valid_until is None and new.happened_at is None
     finally:
         await store.close()
+
+
+async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Indexing a 10k-memory user's words takes ~75 ms and scoring them ~1 ms: past OFF_LOOP_ROWS memories the
+    engine does it in a thread (loading, ranking, dedupe and editing the entry on a write); a small user's work
+    stays on the loop, where it costs less than the hop."""
+    from proxy.search import Lexicon
+    from proxy.store import postgres
+    from proxy.store.vectors import Draft
+
+    on_loop: dict[str, list[bool]] = {"index": [], "rank": [], "dedupe": [], "edit": []}
+
+    def seen(step: str) -> None:
+        on_loop[step].append(asyncio._get_running_loop() is not None)
+
+    class WatchedLexicon(Lexicon):
+        @classmethod
+        def build(cls, texts: Any) -> Lexicon:
+            seen("index")
+            return Lexicon.build(texts)
+
+    class WatchedDraft(Draft):
+        def twin(self, *args: Any) -> str | None:
+            seen("dedupe")
+            return super().twin(*args)
+
+        def build(self, generation: int) -> Any:
+            seen("edit")
+            return super().build(generation)
+
+    class WatchedFusion(Fusion):
+        @property
+        def lexical(self) -> bool:
+            seen("rank")
+            return True
+
+    monkeypatch.setattr(postgres, "Lexicon", WatchedLexicon)
+    monkeypatch.setattr(postgres, "Draft", WatchedDraft)
+    big = postgres.OFF_LOOP_ROWS + 50
+    writer, reader = await open_pg(postgres_location), await open_pg(postgres_location)
+    try:
+        rng = np.random.default_rng(3)
+        vectors = rng.standard_normal((big, DIM)).astype(np.float32)
+        await writer.add("big", [NewMemory(f"note {n} about bread") for n in range(big)], vectors)
+        await writer.add("small", [NewMemory(f"note {n} about tea") for n in range(10)], vectors[:10])
+        for step in on_loop.values():
+            step.clear()
+        await writer.add("big", [NewMemory("likes rye bread")], vectors[:1] + 0.01)  # dedupe and edit, warm
+        assert await reader.search("big", vectors[5], k=3, text="note 5", fusion=WatchedFusion())  # load + rank
+        assert on_loop["index"] and on_loop["rank"] and on_loop["dedupe"] and on_loop["edit"]
+        assert not any(flag for step in on_loop.values() for flag in step), on_loop
+        for step in on_loop.values():
+            step.clear()
+        await writer.add("small", [NewMemory("likes green tea")], vectors[:1] + 0.01)
+        assert await reader.search("small", vectors[5], k=3, text="note 5", fusion=WatchedFusion())
+        assert all(on_loop["index"]) and all(on_loop["rank"]) and all(on_loop["dedupe"]) and all(on_loop["edit"])
+    finally:
+        await writer.close()
+        await reader.close()

@@ -23,6 +23,10 @@ was made for that generation, else reloads the user's rows. A write in this proc
 dropping it (dedupe answered from it too), so recall right after a write stays warm. `purge_expired` bumps
 nothing: expired rows are never eligible in an entry anyway. Users too big for the cache are scored in SQL.
 
+The numpy work on a user's rows (scoring, indexing their words, editing the entry) runs in a thread once the user
+has more than OFF_LOOP_ROWS of them, as the SQLite engine's reads and writes always do: indexing a 10k-memory
+user's words takes ~75 ms, scoring them ~1 ms, and the event loop must not wait on either.
+
 Writes: each call is one transaction that first takes `pg_advisory_xact_lock(hashtextextended(user, 0))`, so
 every write for one user is serialised across all processes. In READ COMMITTED each later statement sees what
 the previous holder committed, so dedupe holds when two instances receive the same fact at the same moment.
@@ -32,12 +36,13 @@ so instances starting together apply them once.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import psycopg
@@ -85,6 +90,14 @@ SELECT {COLUMNS}, -(embedding <#> %(query)b) FROM memories WHERE "user" = %(user
 
 
 SCORE = len(COLUMNS.split(","))  # the column after the memory's own: its cosine
+# Below this many rows a user's numpy work (~0.1 ms per 1,000 rows to score) costs less than a thread hop.
+OFF_LOOP_ROWS = 1000
+T = TypeVar("T")
+
+
+async def off_loop(rows: int, work: Callable[[], T]) -> T:
+    """`work()` over `rows` of one user's memories: in a thread when there are more than OFF_LOOP_ROWS."""
+    return await asyncio.to_thread(work) if rows > OFF_LOOP_ROWS else work()
 
 
 def random_generation() -> int:
@@ -200,7 +213,7 @@ class PostgresStore(Engine):
                     stored.append(await self.add_one(conn, user, item, vector, now, draft))
                 generation = await self.bump(conn, user)
                 if draft is not None:
-                    entry = draft.build(generation)
+                    entry = await off_loop(len(draft.base.ids), lambda: draft.build(generation))
         finally:
             self.cache.discard(user)
         if entry is not None:  # committed: this process's next recall of the user starts warm
@@ -214,7 +227,8 @@ class PostgresStore(Engine):
         if draft is None:
             memory_id = await self.twin(conn, user, vector, now, replaced)
         else:
-            memory_id = draft.twin(vector, now, replaced, self.dedupe_similarity)
+            memory_id = await off_loop(len(draft.base.ids),
+                                       lambda: draft.twin(vector, now, replaced, self.dedupe_similarity))
         values = {"user": user, "text": item.text, "category": item.category, "source": item.source,
                   "now": now, "expires_at": expires_at, "replaced": replaced, "vector": vector,
                   "happened_at": item.happened_at, "keep": item.keep_category}
@@ -368,7 +382,7 @@ class PostgresStore(Engine):
             if held is not None and held.matrix is not None:
                 # One round trip: rank with the entry this process holds, then fetch the winners together with
                 # the user's generation; only if another write came in between is it done again.
-                top = self.choose(held, query, now, k, min_score, text, fusion, profile)
+                top = await self.ranked(held, query, now, k, min_score, text, fusion, profile)
                 generation, rows = await self.winners(conn, user, held, top)
                 if generation is not None and generation in (held.generation, held.previous):
                     return self.hits(held, top, rows)
@@ -379,15 +393,17 @@ class PostgresStore(Engine):
             entry = self.cache.get(user, generation) or await self.load(conn, user, generation, now)
             if entry.matrix is None:
                 return await self.search_in_sql(conn, user, query, k, min_score, text, fusion, profile)
-            top = self.choose(entry, query, now, k, min_score, text, fusion, profile)
+            top = await self.ranked(entry, query, now, k, min_score, text, fusion, profile)
             _, rows = await self.winners(conn, user, entry, top)
         return self.hits(entry, top, rows)
 
     @staticmethod
-    def choose(entry: UserVectors, query: Floats, now: float, k: int, min_score: float, text: str, fusion: Fusion,
-               profile: int) -> builtins.list[tuple[int, float]]:
-        return choose(entry.scores(query, now), entry.updated, entry.ids, k, min_score, text=text,
-                      lexicon=entry.lexicon, fusion=fusion, profile=entry.profile(now, profile))
+    async def ranked(entry: UserVectors, query: Floats, now: float, k: int, min_score: float, text: str,
+                     fusion: Fusion, profile: int) -> builtins.list[tuple[int, float]]:
+        """(row, score) of what the search returns, ranked from the entry (vectors/choose)."""
+        return await off_loop(len(entry.ids), lambda: choose(
+            entry.scores(query, now), entry.updated, entry.ids, k, min_score, text=text, lexicon=entry.lexicon,
+            fusion=fusion, profile=entry.profile(now, profile)))
 
     async def winners(self, conn: Conn, user: str, entry: UserVectors, top: builtins.list[tuple[int, float]]
                       ) -> tuple[int | None, builtins.list[tuple[Any, ...]]]:
@@ -421,14 +437,18 @@ class PostgresStore(Engine):
             return [Hit(to_memory(rows[index]), score) for index, score in top]
         rows = await self.fetch(conn, f'SELECT {COLUMNS}, -(embedding <#> %(query)b) FROM memories '
                                       f'WHERE "user" = %(user)s AND {LIVE} ORDER BY id', params)
-        memories = [to_memory(row) for row in rows]
-        updated = [m.updated_at for m in memories]
-        ids = [m.id for m in memories]
-        pinned = newest_first([n for n, m in enumerate(memories) if m.category == PROFILE], updated, ids)
-        top = choose(np.array([row[SCORE] for row in rows], dtype=np.float64), updated, ids, k,
-                     min_score, text=text, lexicon=Lexicon.build(m.text for m in memories) if fusion.lexical else None,
-                     fusion=fusion, profile=pinned[:profile])
-        return [Hit(memories[index], score) for index, score in top]
+
+        def ranked() -> builtins.list[Hit]:
+            memories = [to_memory(row) for row in rows]
+            updated = [m.updated_at for m in memories]
+            ids = [m.id for m in memories]
+            pinned = newest_first([n for n, m in enumerate(memories) if m.category == PROFILE], updated, ids)
+            top = choose(np.array([row[SCORE] for row in rows], dtype=np.float64), updated, ids, k, min_score,
+                         text=text, lexicon=Lexicon.build(m.text for m in memories) if fusion.lexical else None,
+                         fusion=fusion, profile=pinned[:profile])
+            return [Hit(memories[index], score) for index, score in top]
+
+        return await off_loop(len(rows), ranked)
 
     async def load(self, conn: Conn, user: str, generation: int, now: float) -> UserVectors:
         """Read the user's live vectors and words into a cache entry (or a marker that they are too many)."""
@@ -441,12 +461,16 @@ class PostgresStore(Engine):
         if len(rows) > self.max_cached_rows:
             entry = UserVectors(generation)
         else:
-            expires = np.array([np.inf if r[2] is None else r[2] for r in rows], dtype=np.float64)
-            pinned = np.array([r[5] == PROFILE for r in rows], dtype=bool)
-            entry = UserVectors(generation, np.array([r[0] for r in rows], dtype=str),
-                                np.array([r[1] for r in rows], dtype=np.float64), expires,
-                                unit(matrix_of([r[3] for r in rows], self.dimension)),
-                                float(expires.min(initial=np.inf)), lexicon=Lexicon.build(r[4] for r in rows),
-                                pinned=pinned if pinned.any() else None)
+            entry = await off_loop(len(rows), lambda: self.entry_of(rows, generation))
         self.cache.put(user, entry)
         return entry
+
+    def entry_of(self, rows: builtins.list[tuple[Any, ...]], generation: int) -> UserVectors:
+        """The cache entry of the rows `load` read: (id, updated_at, expires_at, embedding, text, category)."""
+        expires = np.array([np.inf if r[2] is None else r[2] for r in rows], dtype=np.float64)
+        pinned = np.array([r[5] == PROFILE for r in rows], dtype=bool)
+        return UserVectors(generation, np.array([r[0] for r in rows], dtype=str),
+                           np.array([r[1] for r in rows], dtype=np.float64), expires,
+                           unit(matrix_of([r[3] for r in rows], self.dimension)),
+                           float(expires.min(initial=np.inf)), lexicon=Lexicon.build(r[4] for r in rows),
+                           pinned=pinned if pinned.any() else None)
