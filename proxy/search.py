@@ -18,9 +18,12 @@ where `matched` in [0, 1) is the memory's BM25 divided by the most any memory co
 question's rare-word weight the memory holds. A memory no word of the question reaches keeps its cosine, so
 `min_similarity` keeps its meaning for pure vector matches, and a keyword match lowers the bar by at most
 `lexical_weight`. Words held by more than `common_share` of the user's memories (and by more than
-`common_floor` of them) are not searched at all: "my", "I", "the user" match everything and drown the rare words.
-Measured on the project's set: reciprocal-rank fusion lost R@1 on paraphrased questions (0.158 -> 0.092 to
-0.117) and on English facts; the weighted score kept dense's figures there and lifted the rest (README: Recall).
+`common_floor` of them) are not searched at all: "my", "I", "the user" match everything and drown the rare words
+(3%, not the 5% first measured: "travail" in four of a hundred French memories still lifted the wrong ones). The message
+before the question weighs in through its vector only: its words lifted memories about the previous topic.
+Measured with `python -m bench.quality --variants`, on the shipped set and on sets generated with other seeds
+(`--seed`): reciprocal-rank fusion lost R@1 on paraphrased questions and on English facts; the weighted score
+kept dense's figures there and lifted the rest (README: Recall).
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ class Fusion:
 
     lexical_weight: float = 0.5
     dense_weight: float = 1.0
-    common_share: float = 0.05
+    common_share: float = 0.03
     common_floor: int = 2
 
     @property
@@ -82,7 +85,6 @@ class Fusion:
 
 DENSE = Fusion(lexical_weight=0.0)
 PREVIOUS_WEIGHT = 0.3  # how much the user's message before the question counts (bench.quality: "query" rows)
-PREVIOUS_MAX_CHARS = 1000  # of it searched for words: its topic, never the cost of a pasted document
 
 
 QUESTION_CHARS = 2000
@@ -90,10 +92,11 @@ QUESTION_CHARS = 2000
 
 class Question(str):
     """What recall searches for: the last user message (this string: sessions, logs and the API see only it), and
-    `before`, the user's message before it. Recall weighs `before` in at PREVIOUS_WEIGHT, in the vector (the two
-    vectors summed) and in the words (its BM25 share added), so "And my sister?" finds the sister after "Where do
-    I live?", while a question on a new topic is barely moved by the old one. Measured against searching the last
-    message alone and the two messages joined into one text: `python -m bench.quality --variants`."""
+    `before`, the user's message before it. Recall weighs `before` into the vector at PREVIOUS_WEIGHT (the two
+    vectors summed), so "And my sister?" leans towards the sister after "Where do I live?", while a question on a
+    new topic is barely moved by the old one; its words are not searched. Measured against searching the last
+    message alone, the two messages joined into one text, and `before`'s words weighed in too:
+    `python -m bench.quality --variants`."""
 
     before: str
 
@@ -256,16 +259,11 @@ def fuse(dense: Scores, lexical: Scores, fusion: Fusion) -> Scores:
 
 
 def hybrid(dense: Scores, query: str, lexicon: Lexicon | None, fusion: Fusion) -> Scores:
-    """The fused scores of a user's rows: `dense` is the cosine per row (-inf: not eligible). A Question's
-    `before` adds its own keyword share at PREVIOUS_WEIGHT."""
+    """The fused scores of a user's rows: `dense` is the cosine per row (-inf: not eligible); the words searched
+    are the question's own (a Question's `before` is in `dense` already, through the vector)."""
     if not fusion.lexical or lexicon is None:
         return fuse(dense, np.zeros(len(dense)), fusion)
-    alive = np.isfinite(dense)
-    lexical = lexicon.scores(terms(query), alive, fusion)
-    before = getattr(query, "before", "")
-    if before:
-        lexical = lexical + PREVIOUS_WEIGHT * lexicon.scores(terms(before[:PREVIOUS_MAX_CHARS]), alive, fusion)
-    return fuse(dense, lexical, fusion)
+    return fuse(dense, lexicon.scores(terms(query), np.isfinite(dense), fusion), fusion)
 
 
 def reciprocal_rank(dense: Scores, lexical: Scores, k: int = 60) -> Scores:

@@ -168,4 +168,5 @@ def test_the_message_before_weighs_in_a_little() -> None:
     dense = np.zeros(len(texts))
     alone = hybrid(dense, Question("And my sister?"), lexicon, Fusion(lexical_weight=0.5))
     after = hybrid(dense, Question("And my sister?", "Where do I live, Lisbon?"), lexicon, Fusion(lexical_weight=0.5))
-    assert after[0] == pytest.approx(alone[0]) and alone[1] == 0 < after[1] < after[0]
+    # Its words are not searched: they lifted memories about the previous topic over the answer (bench.quality).
+    assert after.tolist() == pytest.approx(alone.tolist()) and alone[1] == 0 < alone[0]
