@@ -175,3 +175,29 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_writes_in_a_row_find_the_entry_the_last_one_made(postgres_location: str) -> None:
+    """Writes to one user queue on the user's lock; each finds the entry the one before it made, even when they
+    come together from one process, and a search a few writes behind uses it too: nothing reloads the rows."""
+    store = await open_pg(postgres_location)
+    loads = 0
+    original = store.load
+
+    async def counting_load(*args: Any) -> Any:
+        nonlocal loads
+        loads += 1
+        return await original(*args)
+
+    store.load = counting_load  # type: ignore[method-assign]
+    try:
+        await one(store, "alice", "likes tea", toward(1, 0.5))
+        await store.search("alice", QUERY, k=5)
+        warm = loads
+        writes = [one(store, "alice", f"fact number {n}", toward(2 + n, 0.3 + n / 100)) for n in range(30)]
+        searches = [store.search("alice", QUERY, k=5) for _ in range(30)]
+        await asyncio.gather(*(job for pair in zip(writes, searches, strict=True) for job in pair))
+        assert loads == warm
+        assert len(await store.search("alice", QUERY, k=40)) == 31
+    finally:
+        await store.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from proxy.store.vectors import Draft, UserVectors, VectorCache
+from proxy.store.vectors import FOLLOWED, Draft, UserVectors, VectorCache
 
 DIM = 8
 
@@ -120,16 +120,21 @@ def test_dead_rows_are_compacted_away_once_they_pass_a_quarter() -> None:
     assert len(current.ids) < 400 + 120  # compacted at least once
 
 
-def test_the_cache_serves_a_reader_one_write_behind_and_keeps_the_newer_entry() -> None:
+def test_the_cache_serves_a_reader_a_few_writes_behind_and_keeps_the_newer_entry() -> None:
     cache = VectorCache(1 << 20)
-    newer = UserVectors(50, matrix=units(1, 1), previous=40)  # the writer's entry: write 50 followed 40
+    newer = UserVectors(50, matrix=units(1, 1), followed=(40, 30))  # the writer's entry: 30, then 40, then 50
     cache.put("u", newer)
-    assert cache.get("u", 40) is newer and cache.get("u", 50) is newer  # a reader one write behind reuses it
-    assert cache.get("u", 60) is None  # another process wrote since: reload
-    cache.put("u", UserVectors(40, matrix=units(1, 2)))  # a reader's late load of the older snapshot
+    assert cache.get("u", 30) is newer and cache.get("u", 40) is newer and cache.get("u", 50) is newer
+    assert cache.get("u", 60) is None and cache.get("u", 20) is None  # another process wrote, or too far back
+    cache.put("u", UserVectors(40, matrix=units(1, 2)))  # a reader's late load of an older snapshot
     assert cache.get("u", 50) is newer
     cache.discard("u")  # a failed write drops what it stored
     assert cache.get("u", 50) is None
-    built = Draft(UserVectors(7, matrix=units(1, 3), ids=np.array(["a"]), updated=np.zeros(1),
-                          expires=np.full(1, np.inf))).build(8)
-    assert (built.generation, built.previous) == (8, 7)
+    current = UserVectors(7, matrix=units(1, 3), ids=np.array(["a"]), updated=np.zeros(1), expires=np.full(1, np.inf))
+    for generation in range(8, 8 + FOLLOWED + 2):  # a chain of writes in this process
+        draft = Draft(current)
+        draft.put("a", float(generation), None, units(1, generation)[0])
+        current = draft.build(generation)
+    assert current.followed == tuple(range(current.generation - 1, current.generation - 1 - FOLLOWED, -1))
+    assert current.answers_for(current.generation - FOLLOWED)
+    assert not current.answers_for(current.generation - FOLLOWED - 1)

@@ -204,7 +204,6 @@ class PostgresStore(Engine):
         if not items:
             return []
         stored = []
-        entry: UserVectors | None = None
         try:
             async with self.connection(user) as conn:
                 now = time.time()
@@ -212,12 +211,17 @@ class PostgresStore(Engine):
                 for item, vector in zip(items, matrix, strict=True):
                     stored.append(await self.add_one(conn, user, item, vector, now, draft))
                 generation = await self.bump(conn, user)
-                if draft is not None:
+                if draft is None:
+                    self.cache.discard(user)
+                else:
+                    # Stored before COMMIT, under a generation no reader sees until then, so that the next write
+                    # (waiting on the user's lock, maybe in this process) finds it: stored after, it often came
+                    # too late and that write reloaded every row. A failed commit drops it below.
                     entry = await off_loop(len(draft.base.ids), lambda: draft.build(generation))
-        finally:
+                    self.cache.put(user, entry if len(entry.ids) <= self.max_cached_rows else UserVectors(generation))
+        except BaseException:
             self.cache.discard(user)
-        if entry is not None:  # committed: this process's next recall of the user starts warm
-            self.cache.put(user, entry if len(entry.ids) <= self.max_cached_rows else UserVectors(entry.generation))
+            raise
         return stored
 
     async def add_one(self, conn: Conn, user: str, item: NewMemory, vector: Floats, now: float,
@@ -384,7 +388,7 @@ class PostgresStore(Engine):
                 # the user's generation; only if another write came in between is it done again.
                 top = await self.ranked(held, query, now, k, min_score, text, fusion, profile)
                 generation, rows = await self.winners(conn, user, held, top)
-                if generation is not None and generation in (held.generation, held.previous):
+                if generation is not None and held.answers_for(generation):
                     return self.hits(held, top, rows)
             generation = await self.generation(conn, user)
             if generation is None:
