@@ -23,7 +23,17 @@ from pathlib import Path
 import httpx
 
 from bench import latency, litellm, load, throughput
-from bench.harness import ROOT, Server, event_loop_of, fake_upstream, memory_proxy, rss_mib, table
+from bench.harness import (
+    ROOT,
+    Server,
+    event_loop_of,
+    fake_upstream,
+    histogram_totals,
+    mean_ms,
+    memory_proxy,
+    rss_mib,
+    table,
+)
 from bench.seed import seed
 from bench.throughput import Measured, Target
 
@@ -114,6 +124,8 @@ def seeded_users(proxy: Server, counts: list[int], report: Report) -> dict[int, 
 
 
 NEW_USERS = itertools.count()
+ADDED, RECALL, EMBEDDING = (f"memory_proxy_{name}_seconds" for name in ("added_latency", "recall_duration",
+                                                                         "embedding_duration"))
 
 
 def user_for(n: int, user: str) -> Callable[[int], str]:
@@ -125,8 +137,15 @@ def latency_part(args: argparse.Namespace, up: str, proxy: Server, users: dict[i
                  report: Report) -> None:
     with httpx.Client(timeout=60) as client:
         rows = latency.passthrough_rows(client, up, proxy.url, args.requests)
+        stages: list[list[object]] = []
         for n, user in sorted((users or {}).items()):
+            before = histogram_totals(proxy.root)
             rows += latency.memory_rows(client, up, proxy.url, args.requests, f"{n:,} memories", user_for(n, user))
+            after = histogram_totals(proxy.root)
+            runs = after.get(EMBEDDING, (0.0, 0.0))[1] - before.get(EMBEDDING, (0.0, 0.0))[1]
+            requests = after.get(ADDED, (0.0, 0.0))[1] - before.get(ADDED, (0.0, 0.0))[1]
+            stages.append([f"{n:,} memories", f"{requests:.0f}", mean_ms(before, after, ADDED),
+                           mean_ms(before, after, RECALL), f"{runs:.0f}", mean_ms(before, after, EMBEDDING)])
         if users:
             n = max(users)
             rows += latency.responses_rows(client, up, proxy.url, args.requests, f"{n:,} memories",
@@ -134,6 +153,12 @@ def latency_part(args: argparse.Namespace, up: str, proxy: Server, users: dict[i
     report.table("Added latency (concurrency 1)", f"{args.requests} interleaved requests per row (direct, proxied, "
                  "direct, …), times in ms; *added* is proxy minus direct at the same percentile.",
                  latency.HEADER, rows)
+    if stages:
+        report.table("Where the memory path's time goes", "From the proxy's own histograms over each memory row "
+                     "(stream and not, warm-up included): the mean time it added and, of that, recall (the lookup, "
+                     "the question's embedding, the search); the model runs (questions not in the embedder's cache, "
+                     "and memories stored) and their mean time, the wait for the model thread included.",
+                     ["user", "requests", "added ms", "recall ms", "model runs", "ms a run"], stages)
 
 
 def proxy_targets(proxy: Server, users: dict[int, str] | None, label: str = "memory-proxy") -> list[Target]:

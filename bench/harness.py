@@ -178,3 +178,26 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def histogram_totals(root: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of every histogram the proxy at `root` exposes on /metrics, summed over its labels, parsed with
+    prometheus-client's own parser; compare two scrapes to get the mean over what happened in between."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(httpx.get(root + "/metrics", timeout=30).text):
+        if family.type != "histogram":
+            continue
+        total = sum(s.value for s in family.samples if s.name.endswith("_sum"))
+        count = sum(s.value for s in family.samples if s.name.endswith("_count"))
+        totals[family.name] = (total, count)
+    return totals
+
+
+def mean_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], name: str) -> str:
+    """The mean in ms of histogram `name` (seconds) over what happened between two `histogram_totals`."""
+    total = after.get(name, (0.0, 0.0))[0] - before.get(name, (0.0, 0.0))[0]
+    count = after.get(name, (0.0, 0.0))[1] - before.get(name, (0.0, 0.0))[1]
+    return f"{total / count * 1000:.2f}" if count else "-"
+

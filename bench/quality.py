@@ -44,7 +44,9 @@ KS = (1, 5, 10)
 CONTEXTS = ("question", "none", "joined user", "joined turn")
 SHIPPED_CONTEXT = "question"
 SHIPPED = Fusion(lexical_weight=Settings().lexical_weight)
-MODES = {"dense": DENSE, "lexical": Fusion(lexical_weight=1.0, dense_weight=0.0), "hybrid": SHIPPED}
+# The keyword baseline is plain BM25 (every word searched, as SQLite FTS5 would), not the hybrid's lexical side.
+EVERY_WORD = Fusion(lexical_weight=1.0, dense_weight=0.0, common_share=1.0, common_floor=10**9)
+MODES = {"dense": DENSE, "lexical": EVERY_WORD, "hybrid": SHIPPED}
 
 
 @dataclass
@@ -165,7 +167,7 @@ def rrf(common: Fusion) -> Ranker:
 
 def variants() -> dict[str, tuple[str, Ranker]]:
     """name -> (query mode, ranking): the fusions measured against each other, then the query modes."""
-    every_word = Fusion(common_share=1.0, common_floor=10**9)
+    every_word = EVERY_WORD
     found: dict[str, tuple[str, Ranker]] = {
         "dense": (SHIPPED_CONTEXT, lambda dense, lexicon, text: dense),
         "bm25, every word": (SHIPPED_CONTEXT, lexical_only(every_word)),
