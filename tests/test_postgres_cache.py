@@ -24,6 +24,19 @@ async def open_pg(url: str, **options: Any) -> PostgresStore:
     return await PostgresStore.open(url, dimension=DIM, dedupe_similarity=DEDUPE, **options)
 
 
+def counted_loads(store: PostgresStore) -> list[int]:
+    """Counts the store's loads of a user's rows from now on: the list's one item."""
+    loads = [0]
+    original = store.load
+
+    async def counting_load(*args: Any) -> Any:
+        loads[0] += 1
+        return await original(*args)
+
+    store.load = counting_load  # type: ignore[method-assign]
+    return loads
+
+
 async def one(store: PostgresStore, user: str, text: str, vector: Any, **fields: Any) -> str:
     [memory] = await store.add(user, [NewMemory(text, **fields)], stack(vector))
     return memory.id
@@ -42,19 +55,11 @@ async def test_own_writes_keep_the_cache_warm_and_exact(postgres_location: str) 
     """A write edits this instance's entry instead of dropping it, so the next recall loads nothing; what it answers
     equals a cold load, through adds, dedupe, replacement and expiry."""
     store, cold = await open_pg(postgres_location), await open_pg(postgres_location)
-    loads = 0
-    original = store.load
-
-    async def counting_load(*args: Any) -> Any:
-        nonlocal loads
-        loads += 1
-        return await original(*args)
-
-    store.load = counting_load  # type: ignore[method-assign]
+    loads = counted_loads(store)
     try:
         first = await one(store, "alice", "likes tea", toward(1, 0.5))
         await store.search("alice", QUERY, k=5)
-        after_first = loads
+        after_first = loads[0]
         assert await one(store, "alice", "likes tea a lot", near(toward(1, 0.5), 0.95, 3)) == first
         second = await one(store, "alice", "likes coffee", toward(2, 0.9))
         third = await one(store, "alice", "drinks coffee now", toward(4, 0.8), replaces=second)
@@ -63,7 +68,7 @@ async def test_own_writes_keep_the_cache_warm_and_exact(postgres_location: str) 
         fusion = Fusion(lexical_weight=0.5)
         warm = [(h.memory.id, round(h.score, 5)) for h in await store.search("alice", QUERY, k=10, text="coffee",
                                                                                 fusion=fusion)]
-        assert loads == after_first
+        assert loads[0] == after_first
         assert warm == [(h.memory.id, round(h.score, 5))
                         for h in await cold.search("alice", QUERY, k=10, text="coffee", fusion=fusion)]
         assert [memory_id for memory_id, _ in warm] == [third, first]
@@ -181,23 +186,15 @@ async def test_writes_in_a_row_find_the_entry_the_last_one_made(postgres_locatio
     """Writes to one user queue on the user's lock; each finds the entry the one before it made, even when they
     come together from one process, and a search a few writes behind uses it too: nothing reloads the rows."""
     store = await open_pg(postgres_location)
-    loads = 0
-    original = store.load
-
-    async def counting_load(*args: Any) -> Any:
-        nonlocal loads
-        loads += 1
-        return await original(*args)
-
-    store.load = counting_load  # type: ignore[method-assign]
+    loads = counted_loads(store)
     try:
         await one(store, "alice", "likes tea", toward(1, 0.5))
         await store.search("alice", QUERY, k=5)
-        warm = loads
+        warm = loads[0]
         writes = [one(store, "alice", f"fact number {n}", toward(2 + n, 0.3 + n / 100)) for n in range(30)]
         searches = [store.search("alice", QUERY, k=5) for _ in range(30)]
         await asyncio.gather(*(job for pair in zip(writes, searches, strict=True) for job in pair))
-        assert loads == warm
+        assert loads[0] == warm
         assert len(await store.search("alice", QUERY, k=40)) == 31
     finally:
         await store.close()
