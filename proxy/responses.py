@@ -34,10 +34,10 @@ from proxy.errors import BadRequest
 from proxy.extraction import Exchange
 from proxy.passthrough import off_loop, relay, upstream_path
 from proxy.plan import EXTRACTION_HEADER
-from proxy.responses_input import newest_user_text, plan_response, rewrite_response, turn_messages
+from proxy.responses_input import plan_response, rewrite_response, turn_messages
 from proxy.responses_output import filter_response, response_id
 from proxy.responses_stream import ResponsesStreamFilter
-from proxy.search import clipped
+from proxy.search import question as search_question
 from proxy.upstream import Upstream, credentials, request_headers
 
 
@@ -55,7 +55,7 @@ async def create_response(request: Request) -> Response:
     decided = plan_response(body, settings.memory_placement, extraction=settings.extraction,
                             asked=request.headers.get(EXTRACTION_HEADER),
                             background_models=settings.background_patterns)
-    question = clipped(newest_user_text(body)) if decided.recall else ""
+    question = search_question(messages) if decided.recall else ""  # with the user's message before, as in chat
     hits, fault = await recall(memories, user, question, settings.recall_budget_ms)
     excerpts = await sessions.recall(user, turn, question)
     upstream_body, aliases, fault = delivery.injected(rewrite_response, body, hits, decided, settings, excerpts,

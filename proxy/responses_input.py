@@ -3,7 +3,8 @@
     plan_response(body, placement, ...) -> ResponsePlan    where memories and the instruction go; inline,
                                                            background or off (the table in proxy/plan.py)
     rewrite_response(body, hits, plan, ...) -> body         the text added; nothing else changes
-    newest_user_text(body), turn_messages(body)            what recall searches for; the turn as chat messages
+    turn_messages(body)                                    the turn as chat messages: what recall searches
+                                                           (proxy/search.question), sessions and extraction read
 
 The chat rules hold here too (proxy/plan.py): no item, role or field of ours. OpenAI-compatible servers (vLLM,
 Ollama, llama.cpp) turn `instructions` into a system message in front of the input, so an `instructions` the client
@@ -122,14 +123,6 @@ def item_text(item: Any) -> str:
         return "\n".join(part["text"] for part in content if isinstance(part, dict)
                          and part.get("type") in (PART, "output_text", "text") and isinstance(part.get("text"), str))
     return ""
-
-
-def newest_user_text(body: dict[str, Any]) -> str:
-    items = body.get("input")
-    place = newest_user_place(items)
-    if isinstance(items, str):
-        return items
-    return item_text(items[place]) if isinstance(items, list) and isinstance(place, int) else ""
 
 
 def turn_messages(body: dict[str, Any]) -> list[dict[str, Any]]:

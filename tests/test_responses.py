@@ -16,7 +16,7 @@ import pytest
 from proxy.extract import INSTRUCTION
 from tests.fakeresponses import Output
 from tests.fakeupstream import TEMPLATE_ERRORS, FakeUpstream, Recorded, Reply
-from tests.injected import MEMORIES
+from tests.injected import MEMORIES, memories_sent
 from tests.test_blocks import MARK
 from tests.test_chat import memories
 from tests.test_metrics import grew, scrape, settle
@@ -321,3 +321,26 @@ def test_azure_clients_get_memory_on_the_responses_api(serve: Serve) -> None:
     recorded = fake.responses[-1]
     assert recorded.path == "/openai/responses" and recorded.query == "api-version=2025-04-01-preview"
     assert "User is vegetarian" in memories_in(recorded) and recorded.headers["api-key"] == "azure-key"
+
+
+def test_recall_searches_the_same_question_as_a_chat_with_the_message_before(serve: Serve) -> None:
+    """The user's message before the question weighs in on the Responses API as in a chat: the same conversation
+    injects the same memories through both."""
+    fake, _, proxy = serve()
+    facts = ["I am allergic to bee stings", "I keep a vegetarian diet", "My sister lives in Oslo",
+             "I play the cello on Sundays", "My car is a blue Volvo", "I work as a pharmacist in Dublin",
+             "My favourite film is Alien", "I run ten kilometres every Saturday", "My cat is called Miso",
+             "I drink green tea in the morning", "My partner is called Ana", "I am learning Japanese",
+             "I grew up in Lisbon", "My birthday is in March", "I collect old maps"]
+    httpx.post(f"{proxy}/memories/alice", json=[{"text": text} for text in facts]).raise_for_status()
+    conversation = [{"role": "user", "content": "What am I allergic to?"},
+                    {"role": "assistant", "content": "Here is what I remember about that."},
+                    {"role": "user", "content": "And what about my diet?"}]
+    with sdk(proxy + "/v1") as client:
+        fake.reply("Vegetarian.")
+        client.chat.completions.create(model="gpt-x", messages=conversation, extra_headers=ALICE)  # type: ignore
+        fake.reply(Reply(output=Output("Vegetarian.")))
+        client.responses.create(model="gpt-x", input=conversation, extra_headers=ALICE)  # type: ignore
+    chat_memories = memories_sent(fake.chats[-1].json()["messages"])
+    assert "allergic to bee stings" in chat_memories  # the message before brought it in (the question alone: not)
+    assert memories_in(fake.responses[-1]) == chat_memories

@@ -12,12 +12,12 @@ from proxy.errors import BadRequest
 from proxy.models import Hit, Memory
 from proxy.responses_input import (
     ResponsePlan,
-    newest_user_text,
     plan_response,
     rewrite_response,
     turn_messages,
 )
 from proxy.rewrite import MEMORIES_HEADER
+from proxy.search import question as searched_question
 
 INSTRUCTION = "Append a <memory> block when the user reveals a durable fact."
 USER = {"role": "user", "content": "What should I cook tonight?"}
@@ -169,13 +169,14 @@ def test_no_instruction_where_a_block_cannot_go_and_nothing_to_add_is_the_body_i
     assert rewrite_response(off, [], ResponsePlan(True, "off", "", "input", None), instruction=INSTRUCTION)[0] is off
 
 
-def test_the_newest_user_text_and_the_turn_as_chat_messages() -> None:
+def test_the_question_searched_and_the_turn_as_chat_messages() -> None:
     body = {"instructions": "x", "input": [DEVELOPER, {"role": "user", "content": "old"}, ASSISTANT, CALL, RESULT,
                                           {"role": "user", "content": [{"type": "input_text", "text": "new"},
                                                                        IMAGE["content"][0]]}]}
-    assert newest_user_text(body) == "new"
-    assert newest_user_text({"input": "just this"}) == "just this"
-    assert newest_user_text({"input": [RESULT]}) == "" and newest_user_text({}) == ""
+    asked = searched_question(turn_messages(body))  # the newest user text, and the one before
+    assert asked == "new" and asked.before == "old"
+    assert searched_question(turn_messages({"input": "just this"})) == "just this"
+    assert searched_question(turn_messages({"input": [RESULT]})) == "" == searched_question(turn_messages({}))
     assert turn_messages(body) == [{"role": "developer", "content": "Be nice."}, {"role": "user", "content": "old"},
                                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "new"}]
     assert turn_messages({"input": "hi"}) == [{"role": "user", "content": "hi"}]
