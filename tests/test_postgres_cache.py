@@ -177,6 +177,13 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
         await writer.add("small", [NewMemory("likes green tea")], vectors[:1] + 0.01)
         assert await reader.search("small", vectors[5], k=3, text="note 5", fusion=WatchedFusion())
         assert all(on_loop["index"]) and all(on_loop["rank"]) and all(on_loop["dedupe"]) and all(on_loop["edit"])
+        # Indexing words costs ~10x scoring a row: a user past OFF_LOOP_INDEX_ROWS is indexed in a thread.
+        middling = postgres.OFF_LOOP_INDEX_ROWS + 50
+        await writer.add("middling", [NewMemory(f"note {n} about rice") for n in range(middling)], vectors[:middling])
+        for step in on_loop.values():
+            step.clear()
+        assert await reader.search("middling", vectors[5], k=3, text="note 5", fusion=WatchedFusion())
+        assert on_loop["index"] == [False] and on_loop["rank"] and all(on_loop["rank"])
     finally:
         await writer.close()
         await reader.close()
@@ -198,3 +205,46 @@ async def test_writes_in_a_row_find_the_entry_the_last_one_made(postgres_locatio
         assert len(await store.search("alice", QUERY, k=40)) == 31
     finally:
         await store.close()
+
+
+SLOW_COMMIT = """
+CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN
+  IF NEW.text LIKE 'slow:%' THEN PERFORM pg_sleep(0.4); END IF; RETURN NULL; END $$ LANGUAGE plpgsql;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON memories DEFERRABLE INITIALLY DEFERRED
+  FOR EACH ROW EXECUTE FUNCTION slow_commit()"""
+
+
+async def test_a_search_during_a_write_sees_the_state_before_it_or_after_it(postgres_location: str) -> None:
+    """A COMMIT that takes its time (a busy or distant server; here a deferred trigger): a search of the same
+    process meanwhile answers as before the write, one after it answers as after, never a mix (a replaced memory
+    gone and its replacement not there yet)."""
+    store, cold = await open_pg(postgres_location), await open_pg(postgres_location, cache_bytes=0)
+    async with await psycopg.AsyncConnection.connect(postgres_location, autocommit=True) as conn:
+        await conn.execute(SLOW_COMMIT)
+    try:
+        paris = await one(store, "alice", "lives in Paris", toward(1, 0.9))
+        for n in range(5):
+            await one(store, "alice", f"other {n}", toward(2 + n, 0.1 + 0.05 * n))
+        async def texts(searcher: PostgresStore, k: int) -> list[str]:
+            return [hit.memory.text for hit in await searcher.search("alice", QUERY, k=k)]
+
+        before = await texts(store, 4)
+        assert before[0] == "lives in Paris"
+        write = asyncio.create_task(one(store, "alice", "slow: lives in Rome", toward(9, 0.95), replaces=paris))
+        await asyncio.sleep(0.2)  # the write is committing
+        assert await texts(store, 4) == before
+        searched = asyncio.create_task(texts(store, 4))  # during that COMMIT or just after it
+        await write
+        batch = asyncio.create_task(store.add("alice", [NewMemory(f"slow: best {n}") for n in range(3)], stack(
+            *[toward(20 + n, 0.97 - 0.001 * n) for n in range(3)])))
+        await asyncio.sleep(0.2)  # the batch is committing
+        after = await texts(cold, 4)
+        assert after[0] == "slow: lives in Rome" and "lives in Paris" not in after
+        assert await searched in (before, after)
+        assert await texts(store, 4) == after  # the batch not committed yet: the write's state, whole
+        await batch
+        final = await texts(store, 4)
+        assert final == await texts(cold, 4) and final[0].startswith("slow: best")  # (near-duplicates: merged)
+    finally:
+        await store.close()
+        await cold.close()

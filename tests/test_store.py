@@ -631,3 +631,49 @@ async def test_sqlite_upgrade_keeps_memories_and_dates_their_history(tmp_path: P
         assert old.valid_until == 200.0 and new.valid_until is None and new.happened_at is None
     finally:
         await store.close()
+
+
+async def test_a_write_whose_commit_fails_leaves_nothing_in_the_cache(tmp_path: Path) -> None:
+    """A COMMIT that fails (a full disk; here a deferred foreign key the row breaks), even after its caller was
+    cancelled while the writer thread ran the job: no phantom memory in later searches or dedupe."""
+    store = await open_sqlite(tmp_path / "m.db")
+    cold = await open_sqlite(tmp_path / "m.db", cache_bytes=0)
+    try:
+        [tea] = await store.add("alice", [NewMemory("likes tea")], stack(toward(1, 0.5)))
+        await store.search("alice", QUERY, k=5)  # warm
+        for sql in ("CREATE TABLE parent (id INTEGER PRIMARY KEY)",
+                    "CREATE TABLE child (ref INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)",
+                    "CREATE TRIGGER poison AFTER INSERT ON memories WHEN NEW.text = 'poison' "
+                    "BEGIN INSERT INTO child VALUES (999); END"):
+            await store.write(None, lambda conn, sql=sql: conn.execute(sql) and None)
+        store.writer.conn.execute("PRAGMA foreign_keys = ON")
+        started = asyncio.Event()
+        original = store.add_in
+
+        def slow_add_in(*args: Any) -> Any:
+            asyncio.run_coroutine_threadsafe(set_event(started), loop)
+            time.sleep(0.2)  # a big user's job: the caller gives up meanwhile
+            return original(*args)
+
+        async def set_event(event: asyncio.Event) -> None:
+            event.set()
+
+        loop = asyncio.get_running_loop()
+        store.add_in = slow_add_in  # type: ignore[method-assign]
+        write = asyncio.create_task(store.add("alice", [NewMemory("poison")], stack(toward(2, 0.9))))
+        await started.wait()
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        await store.write(None, lambda conn: None)  # the writer thread is done with it (its COMMIT failed)
+        store.add_in = original  # type: ignore[method-assign]
+        assert await cold.count("alice") == 1
+        [hit] = await store.search("alice", QUERY, k=1)
+        assert hit.memory.id == tea.id
+        [again] = await store.add("alice", [NewMemory("likes coffee a lot")], stack(near(toward(2, 0.9), 0.97, 5)))
+        assert again.text == "likes coffee a lot" and again.id != tea.id  # a new memory: no phantom to merge into
+        assert [h.memory.id for h in await store.search("alice", QUERY, k=5)] == [
+            h.memory.id for h in await cold.search("alice", QUERY, k=5)]
+    finally:
+        await store.close()
+        await cold.close()

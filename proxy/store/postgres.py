@@ -19,8 +19,9 @@ Per-instance cache: scoring in SQL costs ~1.3 us per memory (20 ms for a user wi
 users' vectors and words in memory (proxy/store/vectors.py, as the SQLite engine does) and scores them in numpy.
 Coherence across instances: every write bumps the user's random `memory_users.generation` under the user's lock,
 in its own transaction; a search reads the generation (one indexed lookup) and uses its cache entry only if it
-was made for that generation, else reloads the user's rows. A write in this process edits the entry instead of
-dropping it (dedupe answered from it too), so recall right after a write stays warm. `purge_expired` bumps
+was made for that generation (or for one of the last writes this process made, proxy/store/vectors.py), else
+reloads the user's rows. A write in this process edits the entry instead of dropping it (dedupe answered from it
+too) and stores it before COMMIT, so recall right after a write, and the next write, find it warm. `purge_expired` bumps
 nothing: expired rows are never eligible in an entry anyway. Users too big for the cache are scored in SQL.
 
 The numpy work on a user's rows (scoring, indexing their words, editing the entry) runs in a thread once the user
@@ -40,6 +41,7 @@ import asyncio
 import builtins
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Self, TypeVar
@@ -66,7 +68,7 @@ from proxy.store.postgres_db import (
     migrate,
     to_memory,
 )
-from proxy.store.vectors import TIE, Draft, UserVectors, VectorCache, choose, newest_first, rank, unit
+from proxy.store.vectors import READ_AGAIN, TIE, Draft, UserVectors, VectorCache, choose, newest_first, rank, unit
 
 __all__ = ["COLUMNS", "MIGRATIONS", "Conn", "PostgresStore", "VectorDumper", "describe"]
 
@@ -92,16 +94,26 @@ SELECT {COLUMNS}, -(embedding <#> %(query)b) FROM memories WHERE "user" = %(user
 SCORE = len(COLUMNS.split(","))  # the column after the memory's own: its cosine
 # Below this many rows a user's numpy work (~0.1 ms per 1,000 rows to score) costs less than a thread hop.
 OFF_LOOP_ROWS = 1000
+# Building a cache entry indexes the rows' words too: ~7 us a row (7 ms for 1,000), so past 100 rows it moves.
+OFF_LOOP_INDEX_ROWS = 100
 T = TypeVar("T")
 
 
-async def off_loop(rows: int, work: Callable[[], T]) -> T:
-    """`work()` over `rows` of one user's memories: in a thread when there are more than OFF_LOOP_ROWS."""
-    return await asyncio.to_thread(work) if rows > OFF_LOOP_ROWS else work()
+async def off_loop(rows: int, work: Callable[[], T], limit: int = OFF_LOOP_ROWS) -> T:
+    """`work()` over `rows` of one user's memories: in a thread when there are more than `limit`."""
+    return await asyncio.to_thread(work) if rows > limit else work()
 
 
 def random_generation() -> int:
     return int.from_bytes(os.urandom(8), "big") >> 1  # fits a bigint
+
+
+class UserWrites:
+    """This process's writes to one user: one at a time (`lock`), and `ended`, set as the current one ends."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.ended = asyncio.Event()
 
 
 class PostgresStore(Engine):
@@ -113,6 +125,7 @@ class PostgresStore(Engine):
         self.pool = pool
         self.vector_oid = vector_oid
         self.cache = VectorCache(cache_bytes)
+        self.writers: weakref.WeakValueDictionary[str, UserWrites] = weakref.WeakValueDictionary()
         # A user whose matrix would take over a quarter of the cache is scored in SQL instead.
         self.max_cached_rows = cache_bytes // 4 // (4 * dimension)
         self.closed = False
@@ -171,15 +184,39 @@ class PostgresStore(Engine):
             raise describe(self.url, exc) from exc
 
     @asynccontextmanager
+    async def serialised(self, user: str) -> AsyncIterator[None]:
+        """This process's writes to one user, one at a time (the advisory lock orders processes): each finds the
+        entry the one before stored after its COMMIT, and waits here rather than on a pooled connection."""
+        writes = self.writers.get(user)
+        if writes is None:
+            writes = self.writers[user] = UserWrites()
+        async with writes.lock:
+            writes.ended = asyncio.Event()
+            try:
+                yield
+            finally:
+                writes.ended.set()
+
+    async def settled(self, user: str) -> bool:
+        """Wait for the write of this process to the user that is under way, if any (not for those queued after
+        it); whether there was one."""
+        writes = self.writers.get(user)
+        if writes is None or not writes.lock.locked():
+            return False
+        await writes.ended.wait()
+        return True
+
+    @asynccontextmanager
     async def writing(self, user: str) -> AsyncIterator[Conn]:
         """A write transaction for the user that bumps their generation; this process's entry is dropped after
         (unless the write stored the new one itself: see `add`), also when the write fails."""
-        try:
-            async with self.connection(user) as conn:
-                yield conn
-                await self.bump(conn, user)
-        finally:
-            self.cache.discard(user)
+        async with self.serialised(user):
+            try:
+                async with self.connection(user) as conn:
+                    yield conn
+                    await self.bump(conn, user)
+            finally:
+                self.cache.discard(user)
 
     @staticmethod
     async def fetch(conn: Conn, sql: str, params: dict[str, Any] | Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -204,24 +241,21 @@ class PostgresStore(Engine):
         if not items:
             return []
         stored = []
-        try:
-            async with self.connection(user) as conn:
-                now = time.time()
-                draft = await self.draft(conn, user, now)
-                for item, vector in zip(items, matrix, strict=True):
-                    stored.append(await self.add_one(conn, user, item, vector, now, draft))
-                generation = await self.bump(conn, user)
-                if draft is None:
-                    self.cache.discard(user)
-                else:
-                    # Stored before COMMIT, under a generation no reader sees until then, so that the next write
-                    # (waiting on the user's lock, maybe in this process) finds it: stored after, it often came
-                    # too late and that write reloaded every row. A failed commit drops it below.
-                    entry = await off_loop(len(draft.base.ids), lambda: draft.build(generation))
-                    self.cache.put(user, entry if len(entry.ids) <= self.max_cached_rows else UserVectors(generation))
-        except BaseException:
-            self.cache.discard(user)
-            raise
+        entry: UserVectors | None = None
+        async with self.serialised(user):
+            try:
+                async with self.connection(user) as conn:
+                    now = time.time()
+                    draft = await self.draft(conn, user, now)
+                    for item, vector in zip(items, matrix, strict=True):
+                        stored.append(await self.add_one(conn, user, item, vector, now, draft))
+                    generation = await self.bump(conn, user)
+                    if draft is not None:
+                        entry = await off_loop(len(draft.base.ids), lambda: draft.build(generation))
+            finally:
+                self.cache.discard(user)
+            if entry is not None:  # committed: this process's next write and recall of the user start warm
+                self.cache.put(user, entry if len(entry.ids) <= self.max_cached_rows else UserVectors(entry.generation))
         return stored
 
     async def add_one(self, conn: Conn, user: str, item: NewMemory, vector: Floats, now: float,
@@ -382,24 +416,32 @@ class PostgresStore(Engine):
             return []
         now = time.time()
         async with self.connection() as conn:
-            held = self.cache.peek(user)
-            if held is not None and held.matrix is not None:
-                # One round trip: rank with the entry this process holds, then fetch the winners together with
-                # the user's generation; only if another write came in between is it done again.
-                top = await self.ranked(held, query, now, k, min_score, text, fusion, profile)
-                generation, rows = await self.winners(conn, user, held, top)
-                if generation is not None and held.answers_for(generation):
-                    return self.hits(held, top, rows)
-            generation = await self.generation(conn, user)
-            if generation is None:
-                self.cache.discard(user)  # erased by another instance: `known` asks the database again
-                return []
-            entry = self.cache.get(user, generation) or await self.load(conn, user, generation, now)
-            if entry.matrix is None:
-                return await self.search_in_sql(conn, user, query, k, min_score, text, fusion, profile)
-            top = await self.ranked(entry, query, now, k, min_score, text, fusion, profile)
-            _, rows = await self.winners(conn, user, entry, top)
-        return self.hits(entry, top, rows)
+            # One round trip when the entry this process holds is current: rank with it, then fetch the winners
+            # together with the user's generation, and use them only if that generation is the entry's. Else:
+            # a write of this process came in between (read again once it is done), or another's (load).
+            entry = self.cache.peek(user)
+            for _ in range(READ_AGAIN + 1):
+                if entry is None or entry.matrix is None:
+                    generation = await self.generation(conn, user)
+                    if generation is None:
+                        self.cache.discard(user)  # erased by another instance: `known` asks the database again
+                        return []
+                    entry = self.cache.get(user, generation) or await self.load(conn, user, generation, now)
+                    if entry.matrix is None:
+                        break
+                top = await self.ranked(entry, query, now, k, min_score, text, fusion, profile)
+                generation, rows = await self.winners(conn, user, entry, top)
+                if generation is None:
+                    self.cache.discard(user)
+                    return []
+                if generation == entry.generation:
+                    return self.hits(entry, top, rows)
+                if entry.follows(generation) or await self.settled(user):
+                    entry = self.cache.peek(user)  # a write of this process came between: rank with its entry
+                else:  # another process wrote
+                    entry = self.cache.get(user, generation) or await self.load(conn, user, generation, now)
+            # Writes kept landing in between (or the user is too big to cache): rank in one statement.
+            return await self.search_in_sql(conn, user, query, k, min_score, text, fusion, profile)
 
     @staticmethod
     async def ranked(entry: UserVectors, query: Floats, now: float, k: int, min_score: float, text: str,
@@ -465,7 +507,7 @@ class PostgresStore(Engine):
         if len(rows) > self.max_cached_rows:
             entry = UserVectors(generation)
         else:
-            entry = await off_loop(len(rows), lambda: self.entry_of(rows, generation))
+            entry = await off_loop(len(rows), lambda: self.entry_of(rows, generation), limit=OFF_LOOP_INDEX_ROWS)
         self.cache.put(user, entry)
         return entry
 

@@ -241,9 +241,11 @@ class SqliteStore(Engine):
         if draft is None:
             self.cache.discard(user)
         else:
-            # Stored under a generation no reader can see before COMMIT; a failed commit leaves it unused.
+            # Stored with the COMMIT (Writer.published), before the next write drafts from it: a reader never
+            # ranks with rows its snapshot does not hold, and a failed commit stores nothing.
             entry = draft.build(generation)
-            self.cache.put(user, entry if len(entry.ids) <= self.max_cached_rows else UserVectors(generation))
+            self.writer.after_commit.append(lambda: self.cache.put(
+                user, entry if len(entry.ids) <= self.max_cached_rows else UserVectors(generation)))
         return stored
 
     def draft(self, conn: sqlite3.Connection, user: str, now: float) -> Draft | None:
@@ -384,12 +386,16 @@ class SqliteStore(Engine):
     def search_in(self, conn: sqlite3.Connection, user: str, query: npt.NDArray[np.float32], k: int,
                   min_score: float, text: str, fusion: Fusion, profile: int) -> builtins.list[Hit]:
         now = time.time()
-        conn.execute("BEGIN")  # one snapshot: the generation, the vectors and the rows agree
-        row = conn.execute("SELECT generation FROM users WHERE user = ?", (user,)).fetchone()
+        # One snapshot: the generation, the vectors and the rows agree. Begun holding `published`, so that a
+        # write of this process is in both the snapshot and the cache, or in neither.
+        with self.writer.published:
+            conn.execute("BEGIN")
+            row = conn.execute("SELECT generation FROM users WHERE user = ?", (user,)).fetchone()
+            held = None if row is None else self.cache.get(user, row[0])
         if row is None:
             self.cache.discard(user)  # erased by another process: `known` asks the file again
             return []
-        vectors = self.cache.get(user, row[0]) or self.load(conn, user, row[0], now)
+        vectors = held or self.load(conn, user, row[0], now)
         if vectors.matrix is None:  # too many to cache: every live row scored in SQL, its words indexed now
             scored = conn.execute("SELECT id, updated_at, 1.0 - vec_distance_cosine(embedding, ?), text, category "
                                   f"FROM memories WHERE user = ? AND {LIVE} ORDER BY id",

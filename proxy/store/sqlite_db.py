@@ -164,13 +164,18 @@ def random_generation() -> int:
 
 
 class Writer(threading.Thread):
-    """Owns the write connection; runs each submitted job in its own transaction and commits before answering."""
+    """Owns the write connection; runs each submitted job in its own transaction and commits before answering.
+    A job may append to `after_commit`: callables run in this thread once its COMMIT succeeded, holding
+    `published` with the COMMIT (a reader that takes it sees both or neither), before the next job starts; they
+    are dropped if it rolls back."""
 
     def __init__(self, conn: sqlite3.Connection, on_error: Callable[[Exception], StoreError]) -> None:
         super().__init__(name="memory-store-writer", daemon=True)
         self.conn = conn
         self.on_error = on_error
         self.jobs: SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = SimpleQueue()
+        self.after_commit: list[Callable[[], None]] = []
+        self.published = threading.Lock()
 
     def submit(self, job: Callable[[sqlite3.Connection], T]) -> Future[T]:
         future: Future[T] = Future()
@@ -186,8 +191,13 @@ class Writer(threading.Thread):
                 self.conn.execute("BEGIN IMMEDIATE")
                 try:
                     result = job(self.conn)
-                    self.conn.execute("COMMIT")
+                    with self.published:
+                        self.conn.execute("COMMIT")
+                        actions, self.after_commit = self.after_commit, []
+                        for action in actions:
+                            action()
                 except BaseException:
+                    self.after_commit.clear()
                     if self.conn.in_transaction:
                         self.conn.execute("ROLLBACK")
                     raise

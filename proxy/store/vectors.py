@@ -21,10 +21,12 @@ import numpy.typing as npt
 from proxy.search import Fusion, Lexicon, hybrid
 
 TIE = 1e-4  # scores this close count as equal: the most recently updated memory (then the newest id) wins
-# How many of this process's own writes back an entry still answers for. Under steady writes a search's snapshot
-# is often a few writes behind the entry the writer just made (measured: 240 writes/s to a 10k-memory user on
-# PostgreSQL), and each miss reloaded every row of the user (~65 MB transient, ~100 ms).
+# How many of this process's own writes an entry remembers following. Under steady writes a search's snapshot is
+# often a few writes behind the entry the writer just made (measured: 240 writes/s to a 10k-memory user on
+# PostgreSQL); such a search reads again (a new snapshot, which sees those writes) instead of reloading every row
+# of the user (~65 MB transient, ~100 ms each), and never ranks with rows its snapshot does not hold.
 FOLLOWED = 16
+READ_AGAIN = 3  # times a search takes a new snapshot before it loads the rows of the one it has
 
 
 Floats = Sequence[float] | npt.NDArray[np.float64]
@@ -109,11 +111,11 @@ class UserVectors:
     lexicon: Lexicon | None = None  # the rows' words (proxy/search.py), aligned with `ids`
     pinned: npt.NDArray[np.bool_] | None = None  # rows whose category is profile (always injected); None: none
 
-    def answers_for(self, generation: int) -> bool:
-        """Whether a reader whose snapshot is at `generation` may use this entry: it is that generation's, or one
-        of the FOLLOWED before it that this process's own writes led from (the reader's row fetch skips an id
-        its snapshot cannot see yet, as a search that came a moment later would have found it)."""
-        return generation == self.generation or generation in self.followed
+    def follows(self, generation: int) -> bool:
+        """Whether this entry was made by writes of this process after `generation` (at most FOLLOWED back): a
+        reader whose snapshot is at `generation` should read again rather than load it. It must not rank with
+        this entry: a memory replaced since is dead in it, and its replacement invisible to that snapshot."""
+        return generation in self.followed
 
     def scores(self, query: npt.NDArray[np.float32], now: float) -> npt.NDArray[np.float32]:
         assert self.matrix is not None
@@ -151,12 +153,10 @@ class VectorCache:
         self.lock = threading.Lock()
 
     def get(self, user: str, generation: int) -> UserVectors | None:
-        """The user's vectors as of `generation`, or as of a write in this process that followed it (at most
-        FOLLOWED back). A reader whose snapshot is a few writes behind takes the newer vectors rather than reload
-        every row: under steady writes, such loads would copy a big user again and again."""
+        """The user's vectors as of `generation` exactly, or None."""
         with self.lock:
             entry = self.entries.get(user)
-            if entry is None or not entry.answers_for(generation):
+            if entry is None or entry.generation != generation:
                 return None
             self.entries.move_to_end(user)
             return entry
