@@ -1,6 +1,6 @@
 """The benchmark suite: `python -m bench` prints Markdown tables ready for the README.
 
-    python -m bench                              everything (about 10 minutes)
+    python -m bench                              everything (about 15 minutes)
     python -m bench --scale 0.1                  a quick pass, a tenth of the requests and seconds
     python -m bench --parts latency,throughput   only some parts: latency (chat and Responses API), throughput,
                                                  litellm, workers
@@ -156,8 +156,8 @@ def latency_part(args: argparse.Namespace, up: str, proxy: Server, users: dict[i
     if stages:
         report.table("Where the memory path's time goes", "From the proxy's own histograms over each memory row "
                      "(stream and not, warm-up included): the mean time it added and, of that, recall (the lookup, "
-                     "the question's embedding, the search); the model runs (questions not in the embedder's cache, "
-                     "and memories stored) and their mean time, the wait for the model thread included.",
+                     "the question's embedding, the search); the model runs (batches of questions not in the "
+                     "embedder's cache and of memories stored) and the mean time of one, in the model thread.",
                      ["user", "requests", "added ms", "recall ms", "model runs", "ms a run"], stages)
 
 

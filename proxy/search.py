@@ -23,7 +23,7 @@ question's rare-word weight the memory holds. A memory no word of the question r
 before the question weighs in through its vector only: its words lifted memories about the previous topic.
 Measured with `python -m bench.quality --variants`, on the shipped set and on sets generated with other seeds
 (`--seed`): reciprocal-rank fusion lost R@1 on paraphrased questions and on English facts; the weighted score
-kept dense's figures there and lifted the rest (README: Recall).
+kept dense's R@5 and R@10 there and lifted the rest (README: Recall).
 """
 
 from __future__ import annotations
