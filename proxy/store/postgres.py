@@ -18,11 +18,12 @@ partition per user does not scale to many users. Vectors are stored unit length 
 Per-instance cache: scoring in SQL costs ~1.3 us per memory (20 ms for a user with 10k), so each process keeps
 users' vectors and words in memory (proxy/store/vectors.py, as the SQLite engine does) and scores them in numpy.
 Coherence across instances: every write bumps the user's random `memory_users.generation` under the user's lock,
-in its own transaction; a search reads the generation (one indexed lookup) and uses its cache entry only if it
-was made for that generation (or for one of the last writes this process made, proxy/store/vectors.py), else
-reloads the user's rows. A write in this process edits the entry instead of dropping it (dedupe answered from it
-too) and stores it before COMMIT, so recall right after a write, and the next write, find it warm. `purge_expired` bumps
-nothing: expired rows are never eligible in an entry anyway. Users too big for the cache are scored in SQL.
+in its own transaction; a search reads the generation (with the winners, one statement) and uses its cache
+entry only if it was made for that generation; else it reads again when a write of this process overtook its
+snapshot, and reloads the user's rows when another process wrote. This process's writes to one user queue in
+the process; each edits the entry instead of dropping it (dedupe answered from it too) and stores it right after
+its COMMIT, so recall right after a write, and the next write, find it warm. `purge_expired` bumps nothing:
+expired rows are never eligible in an entry anyway. Users too big for the cache are scored in SQL.
 
 The numpy work on a user's rows (scoring, indexing their words, editing the entry) runs in a thread once the user
 has more than OFF_LOOP_ROWS of them, as the SQLite engine's reads and writes always do: indexing a 10k-memory
