@@ -248,3 +248,24 @@ async def test_a_search_during_a_write_sees_the_state_before_it_or_after_it(post
     finally:
         await store.close()
         await cold.close()
+
+
+async def test_searches_waiting_for_a_write_hold_no_connection_it_needs(postgres_location: str) -> None:
+    """Searches that find this process's write to their user under way wait for it with no pooled connection
+    held: with a pool of 2, two such searches once held both while the write waited for one (StoreUnavailable
+    after the pool's wait, every user of the process stalled meanwhile)."""
+    store = await open_pg(postgres_location, min_size=2, max_size=2, wait=5.0)
+    other = await open_pg(postgres_location)
+    try:
+        await one(store, "alice", "lives in Paris", toward(1, 0.9))
+        await store.search("alice", QUERY, k=3)
+        await one(store, "bob", "likes jazz", toward(4, 0.7))
+        await one(other, "alice", "has a cat", toward(2, 0.5))  # another instance: this one's entry is behind
+        results = await asyncio.gather(store.search("alice", QUERY, k=3), store.search("alice", QUERY, k=3),
+                                       one(store, "alice", "plays chess", toward(3, 0.4)),
+                                       store.search("bob", QUERY, k=3), return_exceptions=True)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert len(await store.search("alice", QUERY, k=5)) == 3
+    finally:
+        await store.close()
+        await other.close()

@@ -198,14 +198,17 @@ class PostgresStore(Engine):
             finally:
                 writes.ended.set()
 
-    async def settled(self, user: str) -> bool:
-        """Wait for the write of this process to the user that is under way, if any (not for those queued after
-        it); whether there was one."""
+    def write_under_way(self, user: str) -> bool:
+        """Whether a write of this process to the user is under way."""
         writes = self.writers.get(user)
-        if writes is None or not writes.lock.locked():
-            return False
-        await writes.ended.wait()
-        return True
+        return writes is not None and writes.lock.locked()
+
+    async def settled(self, user: str) -> None:
+        """Wait for the write of this process to the user that is under way, if any (not for those queued after
+        it). Never with a pooled connection held: that write may be waiting for one."""
+        writes = self.writers.get(user)
+        if writes is not None and writes.lock.locked():
+            await writes.ended.wait()
 
     @asynccontextmanager
     async def writing(self, user: str) -> AsyncIterator[Conn]:
@@ -416,12 +419,13 @@ class PostgresStore(Engine):
         if k <= 0 and profile <= 0:
             return []
         now = time.time()
-        async with self.connection() as conn:
-            # One round trip when the entry this process holds is current: rank with it, then fetch the winners
-            # together with the user's generation, and use them only if that generation is the entry's. Else:
-            # a write of this process came in between (read again once it is done), or another's (load).
-            entry = self.cache.peek(user)
-            for _ in range(READ_AGAIN + 1):
+        # One round trip when the entry this process holds is current: rank with it, then fetch the winners
+        # together with the user's generation, and use them only if that generation is the entry's. Else: a write
+        # of this process came in between (read again, once it is done: waited for with no connection held, as
+        # that write may need one), or another process's (load).
+        entry = self.cache.peek(user)
+        for _ in range(READ_AGAIN + 1):
+            async with self.connection() as conn:
                 if entry is None or entry.matrix is None:
                     generation = await self.generation(conn, user)
                     if generation is None:
@@ -429,7 +433,7 @@ class PostgresStore(Engine):
                         return []
                     entry = self.cache.get(user, generation) or await self.load(conn, user, generation, now)
                     if entry.matrix is None:
-                        break
+                        return await self.search_in_sql(conn, user, query, k, min_score, text, fusion, profile)
                 top = await self.ranked(entry, query, now, k, min_score, text, fusion, profile)
                 generation, rows = await self.winners(conn, user, entry, top)
                 if generation is None:
@@ -437,11 +441,12 @@ class PostgresStore(Engine):
                     return []
                 if generation == entry.generation:
                     return self.hits(entry, top, rows)
-                if entry.follows(generation) or await self.settled(user):
-                    entry = self.cache.peek(user)  # a write of this process came between: rank with its entry
-                else:  # another process wrote
+                if not entry.follows(generation) and not self.write_under_way(user):  # another process wrote
                     entry = self.cache.get(user, generation) or await self.load(conn, user, generation, now)
-            # Writes kept landing in between (or the user is too big to cache): rank in one statement.
+                    continue
+            await self.settled(user)
+            entry = self.cache.peek(user)
+        async with self.connection() as conn:  # writes kept landing in between: rank in one statement
             return await self.search_in_sql(conn, user, query, k, min_score, text, fusion, profile)
 
     @staticmethod
