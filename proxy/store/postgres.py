@@ -69,7 +69,7 @@ from proxy.store.postgres_db import (
     migrate,
     to_memory,
 )
-from proxy.store.vectors import READ_AGAIN, TIE, Draft, UserVectors, VectorCache, choose, newest_first, rank, unit
+from proxy.store.vectors import TIE, Draft, UserVectors, VectorCache, choose, newest_first, rank, unit
 
 __all__ = ["COLUMNS", "MIGRATIONS", "Conn", "PostgresStore", "VectorDumper", "describe"]
 
@@ -93,6 +93,7 @@ SELECT {COLUMNS}, -(embedding <#> %(query)b) FROM memories WHERE "user" = %(user
 
 
 SCORE = len(COLUMNS.split(","))  # the column after the memory's own: its cosine
+READ_AGAIN = 3  # times a search reads again when writes came between, before it ranks in one SQL statement
 # Below this many rows a user's numpy work (~0.1 ms per 1,000 rows to score) costs less than a thread hop.
 OFF_LOOP_ROWS = 1000
 # Building a cache entry indexes the rows' words too: ~7 us a row (7 ms for 1,000), so past 100 rows it moves.
@@ -198,16 +199,15 @@ class PostgresStore(Engine):
             finally:
                 writes.ended.set()
 
-    def write_under_way(self, user: str) -> bool:
-        """Whether a write of this process to the user is under way."""
+    def write_under_way(self, user: str) -> UserWrites | None:
+        """This process's writes to the user when one is under way, else None."""
         writes = self.writers.get(user)
-        return writes is not None and writes.lock.locked()
+        return writes if writes is not None and writes.lock.locked() else None
 
     async def settled(self, user: str) -> None:
         """Wait for the write of this process to the user that is under way, if any (not for those queued after
         it). Never with a pooled connection held: that write may be waiting for one."""
-        writes = self.writers.get(user)
-        if writes is not None and writes.lock.locked():
+        if writes := self.write_under_way(user):
             await writes.ended.wait()
 
     @asynccontextmanager
@@ -441,7 +441,7 @@ class PostgresStore(Engine):
                     return []
                 if generation == entry.generation:
                     return self.hits(entry, top, rows)
-                if not entry.follows(generation) and not self.write_under_way(user):  # another process wrote
+                if not entry.follows(generation) and self.write_under_way(user) is None:  # another process wrote
                     entry = self.cache.get(user, generation) or await self.load(conn, user, generation, now)
                     continue
             await self.settled(user)

@@ -26,7 +26,6 @@ TIE = 1e-4  # scores this close count as equal: the most recently updated memory
 # PostgreSQL); such a search reads again (a new snapshot, which sees those writes) instead of reloading every row
 # of the user (~65 MB transient, ~100 ms each), and never ranks with rows its snapshot does not hold.
 FOLLOWED = 16
-READ_AGAIN = 3  # times a search takes a new snapshot before it loads the rows of the one it has
 
 
 Floats = Sequence[float] | npt.NDArray[np.float64]
