@@ -73,6 +73,19 @@ async def store(location: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
+def counted_loads(store: Store) -> list[int]:
+    """A one-item list that counts the store's loads of a user's vectors from then on (both engines have `load`)."""
+    loads = [0]
+    original_load = store.load  # type: ignore[attr-defined]
+
+    def counting_load(*args: Any) -> Any:
+        loads[0] += 1
+        return original_load(*args)
+
+    store.load = counting_load  # type: ignore[attr-defined]
+    return loads
+
+
 async def add_one(store: Store, user: str, text: str, vector: Vec, **fields: Any) -> str:
     [memory] = await store.add(user, [NewMemory(text, **fields)], stack(vector))
     return memory.id
@@ -119,6 +132,40 @@ async def test_near_duplicate_updates_the_memory(store: Store) -> None:
     assert hit.memory == updated and hit.score == pytest.approx(1.0, abs=1e-5)  # the vector was updated too
     [other] = await store.add("alice", [NewMemory("lives near Lisbon")], stack(near(BASIS[1], 0.85, 3)))
     assert other.id != first and await store.count("alice") == 2
+
+
+async def test_a_fact_stated_again_is_dated_pinned_and_expired_anew_warm_as_cold(location: str) -> None:
+    """A restatement (same text, same vector: the model repeating what it knows) changes only the memory's times
+    and category; the engine keeps the cached matrix for it, and what a search answers must still equal a cold
+    load from the database: the newest of equal scores first, profile memories leading, expired ones gone."""
+    store, cold = await open_at(location), await open_at(location)
+    loads = counted_loads(store)
+    try:
+        tea = await add_one(store, "alice", "likes tea", toward(1, 0.60004))  # within 1e-4: counts as equal
+        coffee = await add_one(store, "alice", "likes coffee", toward(2, 0.6))
+        await add_one(store, "alice", "likes tea", toward(1, 0.60004))  # the first restatement appends its row
+        loads_before = loads[0]
+
+        async def both(**options: Any) -> list[str]:
+            warm = [(h.memory.id, round(h.score, 5)) for h in await store.search("alice", QUERY, **options)]
+            assert warm == [(h.memory.id, round(h.score, 5)) for h in await cold.search("alice", QUERY, **options)]
+            return [memory_id for memory_id, _ in warm]
+
+        assert await both(k=1) == [tea]
+        assert await add_one(store, "alice", "likes coffee", toward(2, 0.6)) == coffee
+        assert await add_one(store, "alice", "likes coffee", toward(2, 0.6)) == coffee
+        assert await both(k=1) == [coffee]  # stated again: now the most recently updated of the two
+        [pinned] = await store.add("alice", [NewMemory("likes tea", category="profile")], stack(toward(1, 0.60004)))
+        assert pinned.id == tea and pinned.category == "profile"
+        assert await both(k=1, profile=1) == [tea, coffee]
+        assert await store.count("alice") == 2  # restated, never duplicated
+        await add_one(store, "alice", "likes coffee", toward(2, 0.6), ttl_seconds=0.05)
+        await asyncio.sleep(0.1)
+        assert await both(k=5) == [tea]
+        assert loads[0] == loads_before  # every restatement kept the cache warm
+    finally:
+        await store.close()
+        await cold.close()
 
 
 async def test_a_near_duplicate_without_a_category_keeps_the_stored_one(store: Store) -> None:
@@ -549,19 +596,11 @@ async def test_sqlite_own_writes_keep_the_cache_warm_and_exact(tmp_path: Path) -
     answers must equal a cold load from disk, through adds, dedupe, replacement and expiry."""
     store = await open_sqlite(tmp_path / "m.db")
     cold = await open_sqlite(tmp_path / "m.db")
-    loads = 0
-    original_load = store.load
-
-    def counting_load(*args: Any) -> Any:
-        nonlocal loads
-        loads += 1
-        return original_load(*args)
-
-    store.load = counting_load  # type: ignore[method-assign]
+    loads = counted_loads(store)
     try:
         first = await add_one(store, "alice", "likes tea", toward(1, 0.5))
         await store.search("alice", QUERY, k=5)
-        after_first = loads
+        after_first = loads[0]
         twin = await add_one(store, "alice", "likes tea a lot", near(toward(1, 0.5), 0.95, 3))
         assert twin == first  # deduplicated against the cached vectors
         second = await add_one(store, "alice", "likes coffee", toward(2, 0.9))
@@ -569,7 +608,7 @@ async def test_sqlite_own_writes_keep_the_cache_warm_and_exact(tmp_path: Path) -
         await add_one(store, "alice", "is in Rome this week", toward(5, 0.7), ttl_seconds=0.05)
         await asyncio.sleep(0.1)
         warm = [(h.memory.id, round(h.score, 5)) for h in await store.search("alice", QUERY, k=10)]
-        assert loads == after_first  # no reload after the store's own writes
+        assert loads[0] == after_first  # no reload after the store's own writes
         assert warm == [(h.memory.id, round(h.score, 5)) for h in await cold.search("alice", QUERY, k=10)]
         assert [memory_id for memory_id, _ in warm] == [third, first]
     finally:

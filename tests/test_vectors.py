@@ -61,6 +61,35 @@ def test_rewrites_and_removals_equal_a_fresh_build() -> None:
     assert len(base.ids) == 6 and base.matrix.shape == (6, DIM)  # the base is untouched
 
 
+def test_a_restatement_shares_the_matrix_and_words_and_changes_only_times_and_pin() -> None:
+    from proxy.search import Lexicon
+
+    base = Draft(entry(300)).build(2)
+    base = UserVectors(2, base.ids, base.updated, base.expires, base.matrix, rows=base.rows,
+                       lexicon=Lexicon.build(f"fact number {i}" for i in range(300)))
+    assert base.matrix is not None
+    draft = Draft(base)
+    assert draft.touch(str(base.ids[4]), 50.0, 60.0, base.matrix[4], pinned=True)
+    assert not draft.touch(str(base.ids[5]), 50.0, None, units(1, 7)[0])  # another vector: it must be put
+    assert not draft.touch("unknown", 50.0, None, base.matrix[5])
+    draft.remove(str(base.ids[6]))
+    assert not draft.touch(str(base.ids[6]), 50.0, None, base.matrix[6])  # removed in this write
+    built = draft.build(3)
+    assert built.rows is base.rows and built.matrix is not None and np.shares_memory(built.matrix, base.matrix)
+    assert len(built.matrix) == 300 and built.lexicon is base.lexicon and built.ids is base.ids  # nothing copied
+    assert (built.updated[4], built.expires[4], built.earliest_expiry) == (50.0, 60.0, 60.0)
+    assert built.pinned is not None and np.flatnonzero(built.pinned).tolist() == [4]
+    assert base.updated[4] == 4.0 and base.pinned is None  # a reader's entry is untouched
+    expected = live(base)
+    expected[str(base.ids[4])] = (expected[str(base.ids[4])][0], 50.0, 60.0)
+    del expected[str(base.ids[6])]
+    assert live(built) == expected
+    # Once the row was rewritten in the same write, it is not the base row any more.
+    again = Draft(built)
+    again.put(str(base.ids[7]), 70.0, None, units(1, 8)[0])
+    assert not again.touch(str(base.ids[7]), 71.0, None, units(1, 8)[0])
+
+
 def test_twin_matches_a_brute_force_search() -> None:
     base = entry(50)
     draft = Draft(base)

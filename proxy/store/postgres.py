@@ -59,6 +59,7 @@ from proxy.store.postgres_db import (
     COLUMNS,
     LIVE,
     MIGRATIONS,
+    PREFIXED,
     Conn,
     Floats,
     RawVectorLoader,
@@ -274,12 +275,17 @@ class PostgresStore(Engine):
         values = {"user": user, "text": item.text, "category": item.category, "source": item.source,
                   "now": now, "expires_at": expires_at, "replaced": replaced, "vector": vector,
                   "happened_at": item.happened_at, "keep": item.keep_category}
+        stated = None  # the text the near-duplicate held (the subquery reads the row as it was)
         if memory_id is not None:
-            rows = await self.fetch(conn, f"""UPDATE memories SET text = %(text)s,
-                category = CASE WHEN %(keep)s THEN category ELSE %(category)s END,
+            rows = await self.fetch(conn, f"""UPDATE memories m SET text = %(text)s,
+                category = CASE WHEN %(keep)s THEN m.category ELSE %(category)s END,
                 updated_at = %(now)s, expires_at = %(expires_at)s, embedding = %(vector)b,
-                supersedes = coalesce(supersedes, %(replaced)s), happened_at = coalesce(%(happened_at)s, happened_at)
-                WHERE "user" = %(user)s AND id = %(id)s RETURNING {COLUMNS}""", {**values, "id": memory_id})
+                supersedes = coalesce(m.supersedes, %(replaced)s),
+                happened_at = coalesce(%(happened_at)s, m.happened_at)
+                FROM (SELECT text FROM memories WHERE "user" = %(user)s AND id = %(id)s) stated
+                WHERE m."user" = %(user)s AND m.id = %(id)s RETURNING {PREFIXED}, stated.text""",
+                                    {**values, "id": memory_id})
+            stated = rows[0][-1]
         else:
             memory_id = self.next_id()
             rows = await self.fetch(conn, f"""INSERT INTO memories ({COLUMNS}, embedding) VALUES (
@@ -291,7 +297,9 @@ class PostgresStore(Engine):
                                (memory_id, now, user, replaced))
         stored = to_memory(rows[0])
         if draft is not None:
-            draft.put(memory_id, now, expires_at, vector, item.text, stored.category == PROFILE)
+            pinned = stored.category == PROFILE
+            if stated != item.text or not draft.touch(memory_id, now, expires_at, vector, pinned):
+                draft.put(memory_id, now, expires_at, vector, item.text, pinned)
             if replaced is not None:
                 draft.remove(replaced)
         return stored
@@ -461,7 +469,7 @@ class PostgresStore(Engine):
                       ) -> tuple[int | None, builtins.list[tuple[Any, ...]]]:
         """The user's generation and the rows of the ranked memories, in one statement (one snapshot)."""
         wanted = [str(entry.ids[row]) for row, _ in top]
-        rows = await self.fetch(conn, f"""SELECT g.generation, {", ".join("m." + c.strip() for c in COLUMNS.split(","))}
+        rows = await self.fetch(conn, f"""SELECT g.generation, {PREFIXED}
             FROM memory_users g LEFT JOIN memories m ON m."user" = g."user" AND m.id = ANY(%(ids)s)
             WHERE g."user" = %(user)s""", {"user": user, "ids": wanted})
         if not rows:

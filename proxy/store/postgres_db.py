@@ -25,6 +25,7 @@ Floats = npt.NDArray[np.float32]
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 COLUMNS = ('id, "user", text, category, source, created_at, updated_at, expires_at, supersedes, superseded_by, '
            "happened_at, valid_until")
+PREFIXED = ", ".join("m." + column.strip() for column in COLUMNS.split(","))  # of the table aliased m
 LIVE = "superseded_by IS NULL AND (expires_at IS NULL OR expires_at > %(now)s)"
 MIGRATION_LOCK = (0x6D656D70, 1)  # 'memp', 1: the two-int advisory key space never meets the per-user bigint keys
 

@@ -216,7 +216,10 @@ class SqliteStore(Engine):
                 memory_id = self.twin(conn, user, blob, now, replaced)
             else:
                 memory_id = draft.twin(direction, now, replaced, self.dedupe_similarity)
+            stated = None  # the text the near-duplicate held
             if memory_id is not None:
+                stated = conn.execute("SELECT text FROM memories WHERE user = ? AND id = ?",
+                                      (user, memory_id)).fetchone()[0]
                 conn.execute("UPDATE memories SET text = ?, category = iif(?, category, ?), updated_at = ?, "
                              "expires_at = ?, embedding = ?, supersedes = coalesce(supersedes, ?), "
                              "happened_at = coalesce(?, happened_at) WHERE user = ? AND id = ?",
@@ -233,7 +236,9 @@ class SqliteStore(Engine):
                              (memory_id, now, user, replaced))
             row = self.row(conn, user, memory_id)
             if draft is not None:
-                draft.put(memory_id, now, expires_at, direction, item.text, row.category == PROFILE)
+                pinned = row.category == PROFILE
+                if stated != item.text or not draft.touch(memory_id, now, expires_at, direction, pinned):
+                    draft.put(memory_id, now, expires_at, direction, item.text, pinned)
                 if replaced is not None:
                     draft.remove(replaced)
             stored.append(row)

@@ -214,6 +214,7 @@ class Draft:
         self.gone: set[str] = set()  # ids whose base rows were removed or rewritten by this write
         self.added: dict[str, tuple[float, float, npt.NDArray[np.float32]]] = {}  # id -> (updated, expires, unit)
         self.texts: dict[str, tuple[str, bool]] = {}  # id -> (text, pinned) of the added rows
+        self.touched: dict[int, tuple[float, float, bool]] = {}  # base row -> (updated, expires, pinned)
 
     def kept(self) -> npt.NDArray[np.bool_]:
         """The base rows still live after this write."""
@@ -244,6 +245,23 @@ class Draft:
         self.added[memory_id] = (updated, np.inf if expires is None else expires, vector)
         self.texts[memory_id] = (text, pinned)
 
+    def touch(self, memory_id: str, updated: float, expires: float | None, vector: npt.NDArray[np.float32],
+              pinned: bool = False) -> bool:
+        """Record a rewrite that kept the memory's text and vector (a fact stated again): only its times and
+        whether it is pinned change, so its row stays where it is and the matrix and the words are shared with
+        the entry before, not appended to (at 10k memories a restatement otherwise re-indexes every posting).
+        False, recording nothing, unless `memory_id` is a live row of the base holding exactly `vector`: then
+        `put` it. The caller checks that the text is the one stored."""
+        if memory_id in self.gone or memory_id in self.added:
+            return False
+        assert self.base.matrix is not None
+        rows = np.flatnonzero(self.base.ids == memory_id)
+        rows = rows[~np.isin(rows, self.base.dead)]
+        if len(rows) != 1 or not np.array_equal(self.base.matrix[rows[0]], vector):
+            return False
+        self.touched[int(rows[0])] = (updated, np.inf if expires is None else expires, pinned)
+        return True
+
     def remove(self, memory_id: str) -> None:
         self.drop_from_base(memory_id)
         self.added.pop(memory_id, None)
@@ -267,22 +285,25 @@ class Draft:
         dead = np.flatnonzero(~keep)
         new_texts = [self.texts[memory_id][0] for memory_id in self.added]
         new_pinned = np.array([self.texts[memory_id][1] for memory_id in self.added], dtype=bool)
-        base_pinned = np.zeros(len(keep), dtype=bool) if self.base.pinned is None else self.base.pinned
+        base_pinned = np.zeros(len(keep), dtype=bool) if self.base.pinned is None else self.base.pinned.copy()
+        base_updated, base_expires = self.base.updated.copy(), self.base.expires.copy()  # readers hold the old
+        for row, (when, until, pin) in self.touched.items():
+            base_updated[row], base_expires[row], base_pinned[row] = when, until, pin
         lexicon = self.base.lexicon
         rows, matrix = self.base.rows, None
         if rows is not None and len(dead) <= max(64, (len(keep) - len(dead)) // 4):
             matrix = rows.append(len(self.base.ids), fresh)
         if matrix is not None:
-            ids = np.concatenate([self.base.ids, new_ids])
-            updated = np.concatenate([self.base.updated, new_updated])
-            expires = np.concatenate([self.base.expires, new_expires])
+            ids = np.concatenate([self.base.ids, new_ids]) if len(new_ids) else self.base.ids  # ~1 MB at 10k
+            updated = np.concatenate([base_updated, new_updated])
+            expires = np.concatenate([base_expires, new_expires])
             pinned = np.concatenate([base_pinned, new_pinned])
         else:
             rows = Rows.holding(self.base.matrix[keep], fresh)
             matrix, dead = rows.array[:rows.filled], np.zeros(0, dtype=np.intp)
             ids = np.concatenate([self.base.ids[keep], new_ids])
-            updated = np.concatenate([self.base.updated[keep], new_updated])
-            expires = np.concatenate([self.base.expires[keep], new_expires])
+            updated = np.concatenate([base_updated[keep], new_updated])
+            expires = np.concatenate([base_expires[keep], new_expires])
             pinned = np.concatenate([base_pinned[keep], new_pinned])
             lexicon = None if lexicon is None else lexicon.keep(keep)
         lexicon = None if lexicon is None else lexicon.extend(new_texts)
