@@ -130,15 +130,16 @@ class Memories:
         try:
             if not text.strip() or not await self.store.known(user):
                 return []
-            before = getattr(text, "before", "")  # a Question (proxy/search.py): the user's message before it
-            if before.strip():  # usually still in the embedder's cache: it was the last message of the request before
-                last, previous = await self.embedder.embed([text, before])
-                vector = mixed(last, previous)
-            else:
-                vector = await self.embedder.embed_one(text)
-            hits = await self.store.search(user, vector, k or self.k,
-                                           self.min_similarity if min_similarity is None else min_similarity,
-                                           text=text, fusion=self.fusion, profile=self.profile_max if profile else 0)
+            # The store gets the embedding under way: one that needs a round trip makes it while the model runs.
+            vector = asyncio.ensure_future(self.question_vector(text))
+            try:
+                hits = await self.store.search(user, vector, k or self.k,
+                                               self.min_similarity if min_similarity is None else min_similarity,
+                                               text=text, fusion=self.fusion,
+                                               profile=self.profile_max if profile else 0)
+            finally:  # the search failed before it needed the vector: stop it, or take its fault as seen
+                if not vector.cancel() and not vector.cancelled():
+                    vector.exception()
         finally:  # a recall cut off by its budget counts too, with the time it had
             metrics.recalled(time.perf_counter() - started)
         hits = capped_profile(hits, self.profile_max_chars) if profile else hits
@@ -146,6 +147,14 @@ class Memories:
             log.debug("recalled %d memories: %s", len(hits), ", ".join(
                 f"{hit.memory.id} ({hit.score:.3f}) {logs.content(hit.memory.text)}" for hit in hits) or "none")
         return hits
+
+    async def question_vector(self, text: str) -> Vector:
+        """The vector searched for `text`: a Question's (proxy/search.py) weighs in the user's message before it."""
+        before = getattr(text, "before", "")
+        if before.strip():  # usually still in the embedder's cache: it was the last message of the request before
+            last, previous = await self.embedder.embed([text, before])
+            return mixed(last, previous)
+        return await self.embedder.embed_one(text)
 
     def clean(self, items: Sequence[NewMemory], extraction: str | None = None) -> list[NewMemory]:
         """The items to store, as `Cleaning` makes them; those it refuses are left out and logged (counted as

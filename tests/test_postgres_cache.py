@@ -15,26 +15,13 @@ from proxy.search import Fusion
 from proxy.store.postgres import MIGRATIONS, PostgresStore
 from proxy.store.postgres_db import VectorDumper
 from tests.pgserver import postgres_databases, postgres_location, postgres_server
-from tests.test_store import DEDUPE, DIM, QUERY, assert_cache_and_sql_agree, near, stack, toward
+from tests.test_store import DEDUPE, DIM, QUERY, assert_cache_and_sql_agree, counted_loads, near, stack, toward
 
 FIXTURES = (postgres_server, postgres_databases, postgres_location)
 
 
 async def open_pg(url: str, **options: Any) -> PostgresStore:
     return await PostgresStore.open(url, dimension=DIM, dedupe_similarity=DEDUPE, **options)
-
-
-def counted_loads(store: PostgresStore) -> list[int]:
-    """Counts the store's loads of a user's rows from now on: the list's one item."""
-    loads = [0]
-    original = store.load
-
-    async def counting_load(*args: Any) -> Any:
-        loads[0] += 1
-        return await original(*args)
-
-    store.load = counting_load  # type: ignore[method-assign]
-    return loads
 
 
 async def one(store: PostgresStore, user: str, text: str, vector: Any, **fields: Any) -> str:
@@ -66,12 +53,12 @@ async def test_own_writes_keep_the_cache_warm_and_exact(postgres_location: str) 
         await one(store, "alice", "is in Rome this week", toward(5, 0.7), ttl_seconds=0.05)
         await asyncio.sleep(0.1)
         fusion = Fusion(lexical_weight=0.5)
-        warm = [(h.memory.id, round(h.score, 5)) for h in await store.search("alice", QUERY, k=10, text="coffee",
-                                                                                fusion=fusion)]
+        warm = [(h.memory, round(h.score, 5)) for h in await store.search("alice", QUERY, k=10, text="coffee",
+                                                                             fusion=fusion)]
         assert loads[0] == after_first
-        assert warm == [(h.memory.id, round(h.score, 5))
+        assert warm == [(h.memory, round(h.score, 5))  # the rows too: a warm search answers them from its entry
                         for h in await cold.search("alice", QUERY, k=10, text="coffee", fusion=fusion)]
-        assert [memory_id for memory_id, _ in warm] == [third, first]
+        assert [memory.id for memory, _ in warm] == [third, first]
     finally:
         await store.close()
         await cold.close()
@@ -269,3 +256,45 @@ async def test_searches_waiting_for_a_write_hold_no_connection_it_needs(postgres
     finally:
         await store.close()
         await other.close()
+
+
+async def test_a_current_entry_answers_with_no_round_trip_after_the_embedding(postgres_location: str) -> None:
+    """The user's generation is asked for while the question is still being embedded; once the vector is there, a
+    current entry ranks and answers from the rows it holds, with no statement sent. Another instance's write since
+    is still seen (the generation differs: the search reads the database)."""
+    store, other = await open_pg(postgres_location), await open_pg(postgres_location)
+    statements: list[tuple[str, bool]] = []
+    vector: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    original_fetch, original_generation = store.fetch, store.generation
+
+    async def fetch(conn: Any, sql: str, params: Any) -> Any:
+        statements.append(("fetch", vector.done()))
+        return await original_fetch(conn, sql, params)
+
+    async def generation(conn: Any, user: str) -> Any:
+        statements.append(("generation", vector.done()))
+        return await original_generation(conn, user)
+
+    try:
+        tea = await one(store, "alice", "likes tea", toward(1, 0.5))
+        coffee = await one(store, "alice", "likes coffee", toward(2, 0.9))
+        expected = await other.search("alice", QUERY, k=5)
+        assert await store.search("alice", QUERY, k=5) == expected  # warm: its own writes made the entry
+        store.fetch, store.generation = fetch, generation  # type: ignore[method-assign]
+        searching = asyncio.create_task(store.search("alice", vector, k=5))
+        for _ in range(200):  # the generation is asked for before the vector exists
+            if statements:
+                break
+            await asyncio.sleep(0.01)
+        assert statements == [("generation", False)]
+        vector.set_result(QUERY)
+        assert await searching == expected and [h.memory.id for h in expected] == [coffee, tea]
+        assert statements == [("generation", False)]  # nothing after the vector came
+        juice = await one(other, "alice", "likes juice", toward(3, 0.95))
+        statements.clear()
+        assert [h.memory.id for h in await store.search("alice", QUERY, k=5)] == [juice, coffee, tea]
+        assert len(statements) > 1  # the entry was not current: the search read the database
+    finally:
+        await store.close()
+        await other.close()
+

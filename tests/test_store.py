@@ -147,9 +147,9 @@ async def test_a_fact_stated_again_is_dated_pinned_and_expired_anew_warm_as_cold
         loads_before = loads[0]
 
         async def both(**options: Any) -> list[str]:
-            warm = [(h.memory.id, round(h.score, 5)) for h in await store.search("alice", QUERY, **options)]
-            assert warm == [(h.memory.id, round(h.score, 5)) for h in await cold.search("alice", QUERY, **options)]
-            return [memory_id for memory_id, _ in warm]
+            warm = [(h.memory, round(h.score, 5)) for h in await store.search("alice", QUERY, **options)]
+            assert warm == [(h.memory, round(h.score, 5)) for h in await cold.search("alice", QUERY, **options)]
+            return [memory.id for memory, _ in warm]
 
         assert await both(k=1) == [tea]
         assert await add_one(store, "alice", "likes coffee", toward(2, 0.6)) == coffee

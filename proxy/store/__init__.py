@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import inspect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +33,14 @@ from proxy.models import Hit, Memory, NewMemory, new_id
 from proxy.search import DENSE, Fusion
 
 Vector = npt.NDArray[np.float32]
+# A search's question: its vector, or the embedding under way (an engine that needs a round trip anyway makes it
+# while the model runs: PostgreSQL asks for the user's generation meanwhile).
+Query = Vector | Awaitable[Vector]
+
+
+async def resolved(query: Query) -> Vector:
+    """The vector of a Query, awaited if it is still being made."""
+    return await query if inspect.isawaitable(query) else query
 
 
 def vector_meta(found: Mapping[str, str], dimension: int | None, model: str | None = None) -> dict[str, str]:
@@ -92,10 +101,11 @@ class Store(Protocol):
     async def add(self, user: str, items: Sequence[NewMemory], vectors: Vector) -> list[Memory]:
         """Write memories (rows of `vectors` match `items`); returns each stored or updated memory."""
 
-    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0, *, text: str = "",
+    async def search(self, user: str, vector: Query, k: int, min_score: float = -1.0, *, text: str = "",
                      fusion: Fusion = DENSE, profile: int = 0) -> list[Hit]:
         """Up to `profile` profile memories, then the user's top-k other active memories by score (cosine, plus
-        the keyword share of `text` weighted by `fusion`), at least `min_score`."""
+        the keyword share of `text` weighted by `fusion`), at least `min_score`. `vector` may still be under way
+        (an awaitable): the engine awaits it."""
 
     async def known(self, user: str) -> bool:
         """Whether the user has or had memories (False: a search would find nothing)."""

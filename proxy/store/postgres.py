@@ -54,7 +54,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from proxy.errors import StoreError
 from proxy.models import PROFILE, TENANT_SEPARATOR, Hit, Memory, NewMemory
 from proxy.search import DENSE, Fusion, Lexicon
-from proxy.store import Engine, Vector
+from proxy.store import Engine, Query, Vector, resolved
 from proxy.store.postgres_db import (
     COLUMNS,
     LIVE,
@@ -234,6 +234,11 @@ class PostgresStore(Engine):
                            "ON CONFLICT (\"user\") DO UPDATE SET generation = excluded.generation", (user, generation))
         return generation
 
+    async def current_generation(self, user: str) -> int | None:
+        """The user's generation now, on a connection of its own (None: no such user)."""
+        async with self.connection() as conn:
+            return await self.generation(conn, user)
+
     @staticmethod
     async def generation(conn: Conn, user: str) -> int | None:
         rows = await (await conn.execute('SELECT generation FROM memory_users WHERE "user" = %s', (user,))).fetchall()
@@ -298,8 +303,8 @@ class PostgresStore(Engine):
         stored = to_memory(rows[0])
         if draft is not None:
             pinned = stored.category == PROFILE
-            if stated != item.text or not draft.touch(memory_id, now, expires_at, vector, pinned):
-                draft.put(memory_id, now, expires_at, vector, item.text, pinned)
+            if stated != item.text or not draft.touch(memory_id, now, expires_at, vector, pinned, stored):
+                draft.put(memory_id, now, expires_at, vector, item.text, pinned, stored)
             if replaced is not None:
                 draft.remove(replaced)
         return stored
@@ -421,17 +426,34 @@ class PostgresStore(Engine):
         async with self.connection() as conn:
             return await self.generation(conn, user) is not None
 
-    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0, *, text: str = "",
+    async def search(self, user: str, vector: Query, k: int, min_score: float = -1.0, *, text: str = "",
                      fusion: Fusion = DENSE, profile: int = 0) -> builtins.list[Hit]:
-        query = unit(self.as_matrix(vector, 1))[0]
         if k <= 0 and profile <= 0:
+            await resolved(vector)
             return []
-        now = time.time()
-        # One round trip when the entry this process holds is current: rank with it, then fetch the winners
-        # together with the user's generation, and use them only if that generation is the entry's. Else: a write
-        # of this process came in between (read again, once it is done: waited for with no connection held, as
-        # that write may need one), or another process's (load).
+        # No round trip after the question's embedding when the entry this process holds is current: the user's
+        # generation is asked for while the model runs, and the entry holds the rows it ranks. (A write of this
+        # process under way has not changed it yet, or its COMMIT changed it and the entry is one behind: then the
+        # generations differ and the search goes on below.)
         entry = self.cache.peek(user)
+        if entry is not None and entry.memories is not None:
+            generation, question = await asyncio.gather(self.current_generation(user), resolved(vector))
+            if generation is None:
+                self.cache.discard(user)  # erased by another instance: `known` asks the database again
+                return []
+            if generation == entry.generation:
+                top = await self.ranked(entry, unit(self.as_matrix(question, 1))[0], time.time(), k, min_score, text,
+                                        fusion, profile)
+                return [Hit(entry.memories[row], score) for row, score in top]
+            entry = self.cache.peek(user)
+        else:
+            question = await resolved(vector)
+        query = unit(self.as_matrix(question, 1))[0]
+        now = time.time()
+        # Else one round trip: rank with the entry, then fetch the winners together with the user's generation,
+        # and use them only if that generation is the entry's. Else: a write of this process came in between (read
+        # again, once it is done: waited for with no connection held, as that write may need one), or another
+        # process's (load).
         for _ in range(READ_AGAIN + 1):
             async with self.connection() as conn:
                 if entry is None or entry.matrix is None:
@@ -514,7 +536,7 @@ class PostgresStore(Engine):
         """Read the user's live vectors and words into a cache entry (or a marker that they are too many)."""
         cursor = conn.cursor(binary=True)
         cursor.adapters.register_loader(self.vector_oid, RawVectorLoader)  # one matrix from all rows at once
-        await cursor.execute(f'SELECT id, updated_at, expires_at, embedding, text, category FROM memories '
+        await cursor.execute(f'SELECT {COLUMNS}, embedding FROM memories '
                              f'WHERE "user" = %(user)s AND {LIVE} ORDER BY id LIMIT %(limit)s',
                              {"user": user, "now": now, "limit": self.max_cached_rows + 1})
         rows = await cursor.fetchall()
@@ -526,11 +548,12 @@ class PostgresStore(Engine):
         return entry
 
     def entry_of(self, rows: builtins.list[tuple[Any, ...]], generation: int) -> UserVectors:
-        """The cache entry of the rows `load` read: (id, updated_at, expires_at, embedding, text, category)."""
-        expires = np.array([np.inf if r[2] is None else r[2] for r in rows], dtype=np.float64)
-        pinned = np.array([r[5] == PROFILE for r in rows], dtype=bool)
-        return UserVectors(generation, np.array([r[0] for r in rows], dtype=str),
-                           np.array([r[1] for r in rows], dtype=np.float64), expires,
-                           unit(matrix_of([r[3] for r in rows], self.dimension)),
-                           float(expires.min(initial=np.inf)), lexicon=Lexicon.build(r[4] for r in rows),
-                           pinned=pinned if pinned.any() else None)
+        """The cache entry of the rows `load` read: COLUMNS, then the embedding."""
+        memories = [to_memory(row) for row in rows]
+        expires = np.array([np.inf if m.expires_at is None else m.expires_at for m in memories], dtype=np.float64)
+        pinned = np.array([m.category == PROFILE for m in memories], dtype=bool)
+        return UserVectors(generation, np.array([m.id for m in memories], dtype=str),
+                           np.array([m.updated_at for m in memories], dtype=np.float64), expires,
+                           unit(matrix_of([row[-1] for row in rows], self.dimension)),
+                           float(expires.min(initial=np.inf)), lexicon=Lexicon.build(m.text for m in memories),
+                           pinned=pinned if pinned.any() else None, memories=memories)

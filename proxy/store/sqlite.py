@@ -46,7 +46,7 @@ import numpy.typing as npt
 from proxy.errors import StoreError, StoreUnavailable
 from proxy.models import PROFILE, TENANT_SEPARATOR, Hit, Memory, NewMemory
 from proxy.search import DENSE, Fusion, Lexicon
-from proxy.store import Engine, Vector, successor
+from proxy.store import Engine, Query, Vector, resolved, successor
 from proxy.store.fileid import FileIdentity
 from proxy.store.sqlite_db import (
     COLUMNS,
@@ -373,9 +373,9 @@ class SqliteStore(Engine):
                "WHERE length(user) > length(?1) + 1 AND substr(user, -length(?1) - 1) = char(31) || ?1 ORDER BY 1")
         return await self.read(lambda conn: [row[0] for row in conn.execute(sql, (user,))])
 
-    async def search(self, user: str, vector: Vector, k: int, min_score: float = -1.0, *, text: str = "",
+    async def search(self, user: str, vector: Query, k: int, min_score: float = -1.0, *, text: str = "",
                      fusion: Fusion = DENSE, profile: int = 0) -> builtins.list[Hit]:
-        query = unit(self.as_matrix(vector, 1)[0])
+        query = unit(self.as_matrix(await resolved(vector), 1)[0])
         if k <= 0 and profile <= 0:
             return []
         return await self.read(lambda conn: self.search_in(conn, user, query, k, min_score, text, fusion, profile))

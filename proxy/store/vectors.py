@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from proxy.models import Memory
 from proxy.search import Fusion, Lexicon, hybrid
 
 TIE = 1e-4  # scores this close count as equal: the most recently updated memory (then the newest id) wins
@@ -26,6 +27,7 @@ TIE = 1e-4  # scores this close count as equal: the most recently updated memory
 # PostgreSQL); such a search reads again (a new snapshot, which sees those writes) instead of reloading every row
 # of the user (~65 MB transient, ~100 ms each), and never ranks with rows its snapshot does not hold.
 FOLLOWED = 16
+MEMORY_BYTES = 500  # what one held Memory costs, about (sys.getsizeof of its fields, a 100-character text)
 
 
 Floats = Sequence[float] | npt.NDArray[np.float64]
@@ -109,6 +111,9 @@ class UserVectors:
     followed: tuple[int, ...] = ()  # generations of this process's writes this entry follows, newest first
     lexicon: Lexicon | None = None  # the rows' words (proxy/search.py), aligned with `ids`
     pinned: npt.NDArray[np.bool_] | None = None  # rows whose category is profile (always injected); None: none
+    # The rows themselves, aligned with `ids` (PostgreSQL: a search then needs no round trip for its winners);
+    # None: not held (SQLite reads them in the search's own snapshot, without a round trip).
+    memories: Sequence[Memory] | None = None
 
     def follows(self, generation: int) -> bool:
         """Whether this entry was made by writes of this process after `generation` (at most FOLLOWED back): a
@@ -131,7 +136,8 @@ class UserVectors:
             return 128
         held = self.rows.array.nbytes if self.rows is not None else self.matrix.nbytes
         words = 0 if self.lexicon is None else self.lexicon.nbytes
-        return 128 + held + self.expires.nbytes + self.updated.nbytes + self.ids.nbytes + words
+        rows = 0 if self.memories is None else len(self.memories) * MEMORY_BYTES  # about: measured, ~440 a row
+        return 128 + held + self.expires.nbytes + self.updated.nbytes + self.ids.nbytes + words + rows
 
     def profile(self, now: float, limit: int) -> list[int]:
         """The rows of live profile memories, newest_first, at most `limit`."""
@@ -215,6 +221,8 @@ class Draft:
         self.added: dict[str, tuple[float, float, npt.NDArray[np.float32]]] = {}  # id -> (updated, expires, unit)
         self.texts: dict[str, tuple[str, bool]] = {}  # id -> (text, pinned) of the added rows
         self.touched: dict[int, tuple[float, float, bool]] = {}  # base row -> (updated, expires, pinned)
+        # The rows as stored, when the base holds them (see UserVectors.memories); None once one is missing.
+        self.memories: dict[int | str, Memory] | None = {} if base.memories is not None else None
 
     def kept(self) -> npt.NDArray[np.bool_]:
         """The base rows still live after this write."""
@@ -240,13 +248,14 @@ class Draft:
         return best_id if best >= threshold else None
 
     def put(self, memory_id: str, updated: float, expires: float | None, vector: npt.NDArray[np.float32],
-            text: str = "", pinned: bool = False) -> None:
+            text: str = "", pinned: bool = False, memory: Memory | None = None) -> None:
         self.drop_from_base(memory_id)
         self.added[memory_id] = (updated, np.inf if expires is None else expires, vector)
         self.texts[memory_id] = (text, pinned)
+        self.held(memory_id, memory)
 
     def touch(self, memory_id: str, updated: float, expires: float | None, vector: npt.NDArray[np.float32],
-              pinned: bool = False) -> bool:
+              pinned: bool = False, memory: Memory | None = None) -> bool:
         """Record a rewrite that kept the memory's text and vector (a fact stated again): only its times and
         whether it is pinned change, so its row stays where it is and the matrix and the words are shared with
         the entry before, not appended to (at 10k memories a restatement otherwise re-indexes every posting).
@@ -260,7 +269,16 @@ class Draft:
         if len(rows) != 1 or not np.array_equal(self.base.matrix[rows[0]], vector):
             return False
         self.touched[int(rows[0])] = (updated, np.inf if expires is None else expires, pinned)
+        self.held(int(rows[0]), memory)
         return True
+
+    def held(self, key: int | str, memory: Memory | None) -> None:
+        """Keep the row as stored under `key` (a base row, or an added id); without one, the entry holds none."""
+        if self.memories is not None:
+            if memory is None:
+                self.memories = None
+            else:
+                self.memories[key] = memory
 
     def remove(self, memory_id: str) -> None:
         self.drop_from_base(memory_id)
@@ -293,6 +311,7 @@ class Draft:
         rows, matrix = self.base.rows, None
         if rows is not None and len(dead) <= max(64, (len(keep) - len(dead)) // 4):
             matrix = rows.append(len(self.base.ids), fresh)
+        compacted = matrix is None
         if matrix is not None:
             ids = np.concatenate([self.base.ids, new_ids]) if len(new_ids) else self.base.ids  # ~1 MB at 10k
             updated = np.concatenate([base_updated, new_updated])
@@ -307,7 +326,20 @@ class Draft:
             pinned = np.concatenate([base_pinned[keep], new_pinned])
             lexicon = None if lexicon is None else lexicon.keep(keep)
         lexicon = None if lexicon is None else lexicon.extend(new_texts)
+        memories = self.rows_held(keep if compacted else None)
         earliest = float(np.delete(expires, dead).min(initial=np.inf))
         followed = (self.base.generation, *self.base.followed)[:FOLLOWED]
         return UserVectors(generation, ids, updated, expires, matrix, earliest, rows, dead, followed,
-                           lexicon, pinned if pinned.any() else None)
+                           lexicon, pinned if pinned.any() else None, memories)
+
+    def rows_held(self, keep: npt.NDArray[np.bool_] | None) -> list[Memory] | None:
+        """The rows as stored after this write, aligned with the new entry's ids (`keep`: the base rows kept when
+        the matrix was compacted, None when it was appended to); None when any is missing."""
+        if self.memories is None or self.base.memories is None:
+            return None
+        held = list(self.base.memories)
+        for row in self.touched:
+            held[row] = self.memories[row]
+        if keep is not None:
+            held = [memory for memory, kept in zip(held, keep.tolist(), strict=True) if kept]
+        return held + [self.memories[memory_id] for memory_id in self.added]
