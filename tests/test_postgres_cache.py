@@ -115,7 +115,7 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
     engine does it in a thread (loading, ranking, dedupe and editing the entry on a write); a small user's work
     stays on the loop, where it costs less than the hop."""
     from proxy.search import Lexicon
-    from proxy.store import postgres
+    from proxy.store import postgres, postgres_cache
     from proxy.store.vectors import Draft
 
     on_loop: dict[str, list[bool]] = {"index": [], "rank": [], "dedupe": [], "edit": []}
@@ -144,9 +144,9 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
             seen("rank")
             return True
 
-    monkeypatch.setattr(postgres, "Lexicon", WatchedLexicon)
+    monkeypatch.setattr(postgres_cache, "Lexicon", WatchedLexicon)
     monkeypatch.setattr(postgres, "Draft", WatchedDraft)
-    big = postgres.OFF_LOOP_ROWS + 50
+    big = postgres_cache.OFF_LOOP_ROWS + 50
     writer, reader = await open_pg(postgres_location), await open_pg(postgres_location)
     try:
         rng = np.random.default_rng(3)
@@ -165,7 +165,7 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
         assert await reader.search("small", vectors[5], k=3, text="note 5", fusion=WatchedFusion())
         assert all(on_loop["index"]) and all(on_loop["rank"]) and all(on_loop["dedupe"]) and all(on_loop["edit"])
         # Indexing words costs ~10x scoring a row: a user past OFF_LOOP_INDEX_ROWS is indexed in a thread.
-        middling = postgres.OFF_LOOP_INDEX_ROWS + 50
+        middling = postgres_cache.OFF_LOOP_INDEX_ROWS + 50
         await writer.add("middling", [NewMemory(f"note {n} about rice") for n in range(middling)], vectors[:middling])
         for step in on_loop.values():
             step.clear()
