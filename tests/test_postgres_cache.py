@@ -290,9 +290,32 @@ async def test_a_current_entry_answers_with_no_round_trip_after_the_embedding(po
         vector.set_result(QUERY)
         assert await searching == expected and [h.memory.id for h in expected] == [coffee, tea]
         assert statements == [("generation", False)]  # nothing after the vector came
+        # A write of this process landing while the question is embedded: the search answers from the entry that
+        # write made, the one of the generation it reads, still with no statement after the vector.
+        written, release = asyncio.Event(), asyncio.Event()
+        original_current = store.current_generation
+
+        async def current_generation(user: str) -> Any:
+            written.set()
+            await release.wait()
+            return await original_current(user)
+
+        store.current_generation = current_generation  # type: ignore[method-assign]
+        statements.clear()
+        vector = asyncio.get_running_loop().create_future()
+        searching = asyncio.create_task(store.search("alice", vector, k=5))
+        await asyncio.wait_for(written.wait(), 5)  # the search holds the older entry now
+        water = await one(store, "alice", "likes water", toward(4, 0.7))
+        statements.clear()
+        release.set()
+        await asyncio.sleep(0.05)
+        vector.set_result(QUERY)
+        assert [h.memory.id for h in await searching] == [coffee, water, tea]
+        assert statements == [("generation", False)]
+        store.current_generation = original_current  # type: ignore[method-assign]
         juice = await one(other, "alice", "likes juice", toward(3, 0.95))
         statements.clear()
-        assert [h.memory.id for h in await store.search("alice", QUERY, k=5)] == [juice, coffee, tea]
+        assert [h.memory.id for h in await store.search("alice", QUERY, k=5)] == [juice, coffee, water, tea]
         assert len(statements) > 1  # the entry was not current: the search read the database
     finally:
         await store.close()

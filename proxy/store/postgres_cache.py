@@ -167,23 +167,26 @@ class CachedEngine(Engine):
         if k <= 0 and profile <= 0:
             await resolved(vector)
             return []
-        # No round trip after the question's embedding when the entry this process holds is current: the user's
-        # generation is asked for while the model runs, and the entry holds the rows it ranks. (A write of this
-        # process under way has not changed it yet, or its COMMIT changed it and the entry is one behind: then the
-        # generations differ and the search goes on below.)
-        entry = self.cache.peek(user)
-        if entry is not None and entry.memories is not None:
+        # No round trip after the question's embedding when this process holds the entry of the user's generation:
+        # the generation is asked for while the model runs, and the entry holds the rows it ranks. The entry is
+        # looked up once the generation is known: under steady writes of this process it is often newer than the
+        # one held when the search began. (A write of this process whose COMMIT is done but whose entry is not yet
+        # stored: no entry has that generation, and the search goes on below.)
+        held = self.cache.peek(user)
+        if held is not None and held.memories is not None:
             generation, question = await asyncio.gather(self.current_generation(user), resolved(vector))
             if generation is None:
                 self.cache.discard(user)  # erased by another instance: `known` asks the database again
                 return []
-            if generation == entry.generation:
+            entry = self.cache.get(user, generation)
+            if entry is not None and entry.memories is not None:
+                held_rows = entry.memories
                 top = await self.ranked(entry, unit(self.as_matrix(question, 1))[0], time.time(), k, min_score, text,
                                         fusion, profile)
-                return [Hit(entry.memories[row], score) for row, score in top]
+                return [Hit(held_rows[row], score) for row, score in top]
             entry = self.cache.peek(user)
         else:
-            question = await resolved(vector)
+            entry, question = held, await resolved(vector)
         query = unit(self.as_matrix(question, 1))[0]
         now = time.time()
         # Else one round trip: rank with the entry, then fetch the winners together with the user's generation,
