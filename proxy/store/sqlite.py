@@ -23,30 +23,28 @@ a write stays warm: with a write per request, a user with 10k memories would oth
 time. Users too big for the cache are scored in SQL with sqlite-vec's `vec_distance_cosine` over their own
 rows only; dedupe on write does the same inside the write transaction, so it sees the batch's earlier items and
 is serialised by the single writer.
+
+The reader pool, the cache's reads and the search: proxy/store/sqlite_reads.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import shutil
 import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from queue import Queue
 from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from proxy.errors import StoreError, StoreUnavailable
-from proxy.models import PROFILE, TENANT_SEPARATOR, Hit, Memory, NewMemory
-from proxy.search import DENSE, Fusion, Lexicon
-from proxy.store import Engine, Query, Vector, resolved, successor
+from proxy.models import PROFILE, Memory, NewMemory
+from proxy.store import Vector
 from proxy.store.fileid import FileIdentity
 from proxy.store.sqlite_db import (
     COLUMNS,
@@ -60,15 +58,18 @@ from proxy.store.sqlite_db import (
     random_generation,
     to_memory,
 )
-from proxy.store.vectors import Draft, Ids, UserVectors, VectorCache, choose, newest_first, unit
+from proxy.store.sqlite_reads import SqliteReads
+from proxy.store.vectors import Draft, UserVectors, unit
 
 __all__ = ["COLUMNS", "MIGRATIONS", "SqliteStore", "db"]
 T = TypeVar("T")
-# Where a user's data lives, and whether the table has an expiry (what has expired is no longer shown).
-USER_TABLES = (("memories", True), ("sessions", True), ("conversation_chunks", False))
 
 
-class SqliteStore(Engine):
+class SqliteStore(SqliteReads):
+    """One SQLite file as the memory store: opened (and migrated) by `open`, written by one writer thread, read
+    by the pool of proxy/store/sqlite_reads.py. Writes raise StoreError once closed, StoreUnavailable when the
+    file was deleted or replaced under the process, and a described StoreError when SQLite fails."""
+
     def __init__(self, path: str, dimension: int, dedupe_similarity: float, writer: Writer,
                  readers: list[sqlite3.Connection], cache_bytes: int, busy_timeout: float,
                  temp_dir: str | None) -> None:
@@ -77,14 +78,7 @@ class SqliteStore(Engine):
         self.dedupe_similarity = dedupe_similarity
         self.busy_timeout = busy_timeout
         self.writer = writer
-        self.reader_conns = readers
-        self.idle: Queue[sqlite3.Connection] = Queue()
-        for conn in readers:
-            self.idle.put(conn)
-        self.read_pool = ThreadPoolExecutor(len(readers), thread_name_prefix="memory-store-read")
-        self.cache = VectorCache(cache_bytes)
-        # A user whose matrix would take over a quarter of the cache is scored in SQL instead.
-        self.max_cached_rows = cache_bytes // 4 // (4 * dimension)
+        self.start_reading(readers, cache_bytes)
         self.temp_dir = temp_dir
         self.closed = False
         self.identity = FileIdentity.of(path)
@@ -136,8 +130,6 @@ class SqliteStore(Engine):
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    # --- plumbing -------------------------------------------------------------------------------------------
-
     async def write(self, user: str | None, job: Callable[[sqlite3.Connection], T], *, keeps_cache: bool = False) -> T:
         """Run `job` in the writer thread. The user's cache entry is dropped afterwards (other processes notice
         through the generation) unless the job `keeps_cache`: it stored the entry of the new state itself."""
@@ -163,24 +155,6 @@ class SqliteStore(Engine):
     async def problem(self) -> str | None:
         """Why the store cannot take writes now (its file deleted or replaced), or None: for /readyz."""
         return None if self.closed else await asyncio.to_thread(self.identity.problem)
-
-    async def read(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        if self.closed:
-            raise StoreError("the memory store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self.read_pool, self.with_reader, job)
-
-    def with_reader(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self.idle.get()
-        try:
-            return job(conn)
-        except db.Error as exc:
-            raise describe(self.path, exc, self.busy_timeout) from exc
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            self.idle.put(conn)
-
-
 
     @staticmethod
     def bump(conn: sqlite3.Connection, user: str) -> int:
@@ -326,118 +300,3 @@ class SqliteStore(Engine):
             return int(conn.execute("DELETE FROM memories WHERE expires_at <= ?", (now,)).rowcount)
 
         return await self.write(None, job)
-
-    # --- reads (in the reader pool) ---------------------------------------------------------------------------
-
-    async def get(self, user: str, memory_id: str) -> Memory | None:
-        def job(conn: sqlite3.Connection) -> Memory | None:
-            row = conn.execute(f"SELECT {COLUMNS} FROM memories WHERE user = ? AND id = ? "
-                               "AND (expires_at IS NULL OR expires_at > ?)", (user, memory_id, time.time())).fetchone()
-            return None if row is None else to_memory(row)
-
-        return await self.read(job)
-
-    async def list(self, user: str, limit: int = 100, before: str | None = None,
-                   include_history: bool = False) -> list[Memory]:
-        sql = f"SELECT {COLUMNS} FROM memories WHERE user = ? AND (expires_at IS NULL OR expires_at > ?)"
-        sql += "" if before is None else " AND id < ?"
-        sql += "" if include_history else " AND superseded_by IS NULL"
-        args = (user, time.time(), *(() if before is None else (before,)), max(0, limit))
-        return await self.read(lambda conn: [to_memory(row) for row in
-                                             conn.execute(sql + " ORDER BY id DESC LIMIT ?", args)])
-
-    async def users(self, prefix: str = "", limit: int = 100, after: str | None = None) -> builtins.list[str]:
-        # Each table's first `limit` users come off its primary key (user, ...) in order, reading every row of
-        # the users listed; the union of those few is sorted. Binary text order lets the prefix bound the scan on
-        # both sides. One lower bound, chosen here: given two, SQLite may seek on the looser one.
-        upper = successor(prefix)
-        lower = "user > :after" if after is not None and after >= prefix else "user >= :prefix"
-        where = lower + ("" if upper is None else " AND user < :upper")
-        where += " AND instr(user, char(31)) = 0" if TENANT_SEPARATOR not in prefix else ""
-        parts = [f"SELECT * FROM (SELECT DISTINCT user FROM {table} WHERE {where}"
-                 + (" AND (expires_at IS NULL OR expires_at > :now)" if expiry else "") + " ORDER BY user LIMIT :limit)"
-                 for table, expiry in USER_TABLES]
-        sql = " UNION ".join(parts) + " ORDER BY 1 LIMIT :limit"
-        args = {"prefix": prefix, "after": after, "upper": upper, "now": time.time(), "limit": max(0, limit)}
-        return await self.read(lambda conn: [row[0] for row in conn.execute(sql, args)])
-
-    async def count(self, user: str | None = None) -> int:
-        """Active memories (what search can return) of the user, or of everyone."""
-        sql = f"SELECT count(*) FROM memories WHERE {LIVE}" + ("" if user is None else " AND user = ?")
-        args = (time.time(), *(() if user is None else (user,)))
-        return await self.read(lambda conn: int(conn.execute(sql, args).fetchone()[0]))
-
-    async def tenants_of(self, user: str) -> builtins.list[str]:
-        """The tenants under which `user` has memories (a scan of the table: for the CLI's hints, not requests)."""
-        sql = ("SELECT DISTINCT substr(user, 1, length(user) - length(?1) - 1) FROM memories "
-               "WHERE length(user) > length(?1) + 1 AND substr(user, -length(?1) - 1) = char(31) || ?1 ORDER BY 1")
-        return await self.read(lambda conn: [row[0] for row in conn.execute(sql, (user,))])
-
-    async def search(self, user: str, vector: Query, k: int, min_score: float = -1.0, *, text: str = "",
-                     fusion: Fusion = DENSE, profile: int = 0) -> builtins.list[Hit]:
-        query = unit(self.as_matrix(await resolved(vector), 1)[0])
-        if k <= 0 and profile <= 0:
-            return []
-        return await self.read(lambda conn: self.search_in(conn, user, query, k, min_score, text, fusion, profile))
-
-    async def known(self, user: str) -> bool:
-        """Whether the user has (or had) memories: a user who never had any needs no embedding of the question.
-        A user whose vectors this process holds is known without asking the file."""
-        if user in self.cache.entries:
-            return True
-        return await self.read(lambda conn: conn.execute("SELECT 1 FROM users WHERE user = ?", (user,)).fetchone()
-                               is not None)
-
-    def search_in(self, conn: sqlite3.Connection, user: str, query: npt.NDArray[np.float32], k: int,
-                  min_score: float, text: str, fusion: Fusion, profile: int) -> builtins.list[Hit]:
-        now = time.time()
-        # One snapshot: the generation, the vectors and the rows agree. Begun holding `published`, so that a
-        # write of this process is in both the snapshot and the cache, or in neither.
-        with self.writer.published:
-            conn.execute("BEGIN")
-            row = conn.execute("SELECT generation FROM users WHERE user = ?", (user,)).fetchone()
-            held = None if row is None else self.cache.get(user, row[0])
-        if row is None:
-            self.cache.discard(user)  # erased by another process: `known` asks the file again
-            return []
-        vectors = held or self.load(conn, user, row[0], now)
-        if vectors.matrix is None:  # too many to cache: every live row scored in SQL, its words indexed now
-            scored = conn.execute("SELECT id, updated_at, 1.0 - vec_distance_cosine(embedding, ?), text, category "
-                                  f"FROM memories WHERE user = ? AND {LIVE} ORDER BY id",
-                                  (query.tobytes(), user, now)).fetchall()
-            ids: Ids = [r[0] for r in scored]
-            updated = [r[1] for r in scored]
-            dense = np.array([-np.inf if r[2] is None else r[2] for r in scored], dtype=np.float64)
-            lexicon = Lexicon.build(r[3] for r in scored) if fusion.lexical else None
-            pinned = newest_first([n for n, r in enumerate(scored) if r[4] == PROFILE], updated, ids)
-            top = choose(dense, updated, ids, k, min_score, text=text, lexicon=lexicon, fusion=fusion,
-                         profile=pinned[:profile])
-        else:
-            ids = vectors.ids
-            top = choose(vectors.scores(query, now), vectors.updated, vectors.ids, k, min_score, text=text,
-                         lexicon=vectors.lexicon, fusion=fusion, profile=vectors.profile(now, profile))
-        if not top:
-            return []
-        wanted = [str(ids[index]) for index, _ in top]
-        rows = conn.execute(f"SELECT {COLUMNS} FROM memories WHERE user = ? AND id IN "
-                            f"({', '.join('?' * len(wanted))})", (user, *wanted)).fetchall()
-        memories = {memory.id: memory for memory in map(to_memory, rows)}
-        return [Hit(memories[str(ids[index])], score) for index, score in top if str(ids[index]) in memories]
-
-    def load(self, conn: sqlite3.Connection, user: str, generation: int, now: float) -> UserVectors:
-        """Read the user's active vectors and words into a cache entry (or a marker that they are too many)."""
-        rows = conn.execute("SELECT id, updated_at, expires_at, embedding, text, category FROM memories "
-                            f"WHERE user = ? AND {LIVE} ORDER BY id LIMIT ?",
-                            (user, now, self.max_cached_rows + 1)).fetchall()
-        if len(rows) > self.max_cached_rows:
-            entry = UserVectors(generation)
-        else:
-            matrix = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension)
-            expires = np.array([np.inf if r[2] is None else r[2] for r in rows], dtype=np.float64)
-            pinned = np.array([r[5] == PROFILE for r in rows], dtype=bool)
-            entry = UserVectors(generation, np.array([r[0] for r in rows], dtype=str),
-                                np.array([r[1] for r in rows], dtype=np.float64), expires,
-                                unit(matrix), float(expires.min(initial=np.inf)),
-                                lexicon=Lexicon.build(r[4] for r in rows), pinned=pinned if pinned.any() else None)
-        self.cache.put(user, entry)
-        return entry
