@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -26,6 +26,9 @@ from proxy.reembed import reembed_command
 from proxy.restore import parse_lines, restore, shown, with_status
 from proxy.store import Store, check_creatable, locate, stored_dimension
 from proxy.store.sessions import open_session_store
+
+if TYPE_CHECKING:
+    from proxy.embed import Embedder
 
 log = logging.getLogger("memory_proxy")
 
@@ -106,11 +109,12 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
     return config.load(getattr(args, "config", None), environ or getattr(args, "environ", None), {**flags, **extra})
 
 
-def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> Embedder:
     """Load what every worker will load (keys, egress, model, store) once, before serving: a missing or broken
     part stops the start with one line (main prints the ProxyError) instead of a traceback from each worker's
     lifespan. `environ` (default os.environ, what the workers read) holds the proxy and CA variables. Returns the
-    embedding model's name."""
+    embedding model, loaded and running, for its caller to close: a single worker serves with it instead of
+    loading it again (~1 s for the default model)."""
     from proxy.auth import Gate
     from proxy.egress import Egress
     from proxy.embed import load_configured
@@ -120,18 +124,19 @@ def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> s
     Egress.from_environ(os.environ if environ is None else environ, settings.upstream)
     if settings.db != config.default_db(settings.data_dir):  # the default store's directory is made for it
         check_creatable(settings.db)
-    embedder = load_configured(settings, cache_size=0)
+    embedder = load_configured(settings)
 
     async def check_store() -> None:
-        try:
-            store = await open_store(settings.db, dimension=embedder.dimension,
-                                     dedupe_similarity=settings.dedupe_similarity, model=embedder.name)
-            await store.close()
-        finally:
-            await embedder.close()
+        store = await open_store(settings.db, dimension=embedder.dimension,
+                                 dedupe_similarity=settings.dedupe_similarity, model=embedder.name)
+        await store.close()
 
-    asyncio.run(check_store())
-    return embedder.name
+    try:
+        asyncio.run(check_store())
+    except BaseException:
+        asyncio.run(embedder.close())
+        raise
+    return embedder
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -150,17 +155,27 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.config.dictConfig(log_config)
     for message in config.misspelt(args.environ):
         log.warning(message)
-    logs.startup(settings, preflight(settings))
+    embedder = preflight(settings)
+    logs.startup(settings, embedder.name)
     for name in [name for name in os.environ if name.startswith(config.ENV_PREFIX)]:
         del os.environ[name]  # resolved into `settings`: the workers need none of them, secrets least of all
-    server = uvicorn.Config(functools.partial(create_app, settings), factory=True, host=settings.host,
+    single = settings.workers == 1
+    if not single:
+        asyncio.run(embedder.close())  # each worker process loads its own
+    factory = functools.partial(create_app, settings, embedder=embedder if single else None)
+    server = uvicorn.Config(factory, factory=True, host=settings.host,
                             port=settings.port, workers=settings.workers, log_config=log_config,
                             log_level=settings.log_level.lower(), access_log=False, loop="auto", lifespan="on",
                             **server_options(settings))
-    if settings.workers == 1:
-        single = uvicorn.Server(server)
-        single.run()
-        return 0 if single.started else 3  # uvicorn's exit status for a failed start
+    if single:
+        try:
+            worker = uvicorn.Server(server)
+            worker.run()
+        finally:
+            # After the app's lifespan, which stored its queued writes. (On SIGTERM uvicorn raises the signal again
+            # once the lifespan is over, and the process ends there: the model thread is a daemon.)
+            asyncio.run(embedder.close())
+        return 0 if worker.started else 3  # uvicorn's exit status for a failed start
     with metrics.multiprocess_directory():
         Multiprocess(server, sockets=[server.bind_socket()]).run()
     return 0

@@ -35,6 +35,7 @@ class Serve:
     proc: subprocess.Popen[bytes]
     log: Path
     tmp: Path
+    count: int = 2  # workers
 
     def lines(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.log.read_text().splitlines()]
@@ -59,9 +60,9 @@ class Serve:
 
 
 @contextlib.contextmanager
-def serve(upstream: str, tmp: Path) -> Iterator[Serve]:
-    """`python -m proxy serve --workers 2`, its secrets in a config file and in the environment, JSON logs with an
-    access log, its temporary files in `tmp`; stopped (SIGTERM) at the end."""
+def serve(upstream: str, tmp: Path, workers: int = 2) -> Iterator[Serve]:
+    """`python -m proxy serve --workers N` (2 unless told), its secrets in a config file and in the environment,
+    JSON logs with an access log, its temporary files in `tmp`; stopped (SIGTERM) at the end."""
     config = tmp / "memory-proxy.toml"
     config.write_text(f'upstream_key = "{SECRETS["upstream_key"]}"\nmetrics_token = "{SECRETS["metrics_token"]}"\n')
     config.chmod(0o600)
@@ -75,9 +76,9 @@ def serve(upstream: str, tmp: Path) -> Iterator[Serve]:
     log = tmp / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream,
-                                 "--workers", "2", "--config", str(config)], cwd=ROOT, env=env,
+                                 "--workers", str(workers), "--config", str(config)], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
-    server = Serve(f"http://127.0.0.1:{port}", proc, log, tmp)
+    server = Serve(f"http://127.0.0.1:{port}", proc, log, tmp, workers)
     try:
         wait_for(lambda: ready(server), 120, lambda: log.read_text())
         yield server
@@ -91,11 +92,11 @@ def serve(upstream: str, tmp: Path) -> Iterator[Serve]:
 
 
 def ready(server: Serve) -> bool:
-    """Both workers have started (each says so in the log), and one answers /readyz."""
+    """Every worker has started (each says so in the log), and one answers /readyz."""
     assert server.proc.poll() is None, "serve exited"
     started = [line for line in server.log.read_text().splitlines() if "Application startup complete" in line]
     with contextlib.suppress(httpx.HTTPError):
-        return len(started) == 2 and httpx.get(server.url + "/readyz", timeout=1).status_code == 200
+        return len(started) == server.count and httpx.get(server.url + "/readyz", timeout=1).status_code == 200
     return False
 
 
@@ -220,3 +221,24 @@ def test_a_killed_worker_keeps_its_counts_and_the_metric_files_go_with_serve(tmp
         assert not list(directories[0].glob(f"gauge_live*_{victim}.db"))  # its live gauges left the sums
     assert server.proc.returncode == 0
     assert not directories[0].exists()
+
+
+def test_one_worker_serves_with_the_model_its_start_checked(tmp_path: Path) -> None:
+    """With one worker, the model the start loaded to check it is the one that serves (loaded once, not twice:
+    ~1 s of start and a model's memory); it learns and recalls with it."""
+    fake = FakeUpstream()
+    admin = {"Authorization": f"Bearer {SECRETS['admin_token']}"}
+    with running(fake.app) as upstream, serve(upstream + "/v1", tmp_path, workers=1) as server:
+        fake.reply("Noted.\n<memory>[\"User is left-handed\"]</memory>", "You write with your left hand.")
+        chat = {"model": "m", "messages": [{"role": "user", "content": "I am left-handed"}]}
+        first = httpx.post(server.url + "/v1/chat/completions", json=chat, headers={"X-Memory-User": "lefty"},
+                           timeout=30)
+        assert first.json()["choices"][0]["message"]["content"] == "Noted."
+        wait_for(lambda: [m["text"] for m in httpx.get(server.url + "/memories/lefty", headers=admin).json()["data"]]
+                 == ["User is left-handed"])
+        chat["messages"][0]["content"] = "Which hand do I write with?"
+        second = httpx.post(server.url + "/v1/chat/completions", json=chat, headers={"X-Memory-User": "lefty"},
+                            timeout=30)
+        assert second.headers["x-memory-recalled"] == "1"
+    loads = [line for line in server.lines() if line["message"].startswith("embedding model")]
+    assert len(loads) == 1, loads
