@@ -14,6 +14,7 @@ from proxy.models import NewMemory
 from proxy.search import Fusion
 from proxy.store.postgres import MIGRATIONS, PostgresStore
 from proxy.store.postgres_db import VectorDumper
+from proxy.store.vectors import held_bytes
 from tests.pgserver import postgres_databases, postgres_location, postgres_server
 from tests.test_store import DEDUPE, DIM, QUERY, assert_cache_and_sql_agree, counted_loads, near, stack, toward
 
@@ -59,6 +60,8 @@ async def test_own_writes_keep_the_cache_warm_and_exact(postgres_location: str) 
         assert warm == [(h.memory, round(h.score, 5))  # the rows too: a warm search answers them from its entry
                         for h in await cold.search("alice", QUERY, k=10, text="coffee", fusion=fusion)]
         assert [memory.id for memory, _ in warm] == [third, first]
+        entry = store.cache.peek("alice")  # its rows' cost, counted along the writes, is what a recount gives
+        assert entry is not None and entry.memories and entry.memories_bytes == held_bytes(entry.memories)
     finally:
         await store.close()
         await cold.close()
@@ -116,7 +119,7 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
     stays on the loop, where it costs less than the hop."""
     from proxy.search import Lexicon
     from proxy.store import postgres, postgres_cache
-    from proxy.store.vectors import Draft
+    from proxy.store.draft import Draft
 
     on_loop: dict[str, list[bool]] = {"index": [], "rank": [], "dedupe": [], "edit": []}
 
@@ -190,6 +193,8 @@ async def test_writes_in_a_row_find_the_entry_the_last_one_made(postgres_locatio
         await asyncio.gather(*(job for pair in zip(writes, searches, strict=True) for job in pair))
         assert loads[0] == warm
         assert len(await store.search("alice", QUERY, k=40)) == 31
+        entry = store.cache.peek("alice")
+        assert entry is not None and entry.memories and entry.memories_bytes == held_bytes(entry.memories)
     finally:
         await store.close()
 

@@ -22,6 +22,7 @@ from proxy.models import TENANT_SEPARATOR, NewMemory
 from proxy.search import Fusion, Lexicon, terms
 from proxy.store import Store, open_store, successor
 from proxy.store.sqlite import MIGRATIONS, SqliteStore, db
+from proxy.store.vectors import held_bytes
 from tests.pgserver import postgres_databases, postgres_location, postgres_server  # noqa: F401
 
 DIM = 64
@@ -163,6 +164,8 @@ async def test_a_fact_stated_again_is_dated_pinned_and_expired_anew_warm_as_cold
         await asyncio.sleep(0.1)
         assert await both(k=5) == [tea]
         assert loads[0] == loads_before  # every restatement kept the cache warm
+        entry = store.cache.peek("alice")  # and counted the rows it holds (PostgreSQL) as a recount does
+        assert entry is not None and entry.memories_bytes == held_bytes(entry.memories or [])
     finally:
         await store.close()
         await cold.close()

@@ -3,10 +3,14 @@ readers already hold must never change under them."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import numpy.typing as npt
 
-from proxy.store.vectors import FOLLOWED, Draft, UserVectors, VectorCache
+from proxy.models import Memory
+from proxy.store.draft import Draft
+from proxy.store.vectors import FOLLOWED, UserVectors, VectorCache, held_bytes
 
 DIM = 8
 
@@ -169,3 +173,22 @@ def test_the_cache_answers_one_generation_and_keeps_the_writers_newer_entry() ->
         current = draft.build(generation)
     assert current.followed == tuple(range(current.generation - 1, current.generation - 1 - FOLLOWED, -1))
     assert current.follows(current.generation - FOLLOWED) and not current.follows(current.generation - FOLLOWED - 1)
+
+
+def test_held_rows_are_counted_as_python_stores_them() -> None:
+    """The cache's bound counts held rows (PostgreSQL) by what they cost: a 500-character text of emoji takes
+    four bytes a character where ASCII takes one, and a long user id is held once per row (tracemalloc)."""
+    counted, measured = {}, {}
+    for name, char in (("ascii", "a"), ("cjk", "\u4e2d"), ("emoji", "\U0001f600")):
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            rows = [Memory(f"{n:020x}", f"user-{n % 10}-" + "u" * 250, f"{n}" + char * 499, "fact", "chat",
+                           1e9 + n, 1e9 + n, None if n % 2 else 2e9 + n, happened_at="2024-05" if n % 3 else None)
+                    for n in range(2000)]
+            measured[name] = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        counted[name] = held_bytes(rows)
+        assert 0.85 < counted[name] / measured[name] < 1.15, (name, counted[name], measured[name])
+    assert counted["emoji"] - counted["ascii"] >= 2000 * 499 * 3  # four bytes a character against one

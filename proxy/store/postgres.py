@@ -40,6 +40,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from proxy.models import PROFILE, TENANT_SEPARATOR, Memory, NewMemory
 from proxy.store import Vector
+from proxy.store.draft import Draft
 from proxy.store.postgres_cache import CachedEngine, UserWrites, off_loop
 from proxy.store.postgres_db import (
     COLUMNS,
@@ -54,7 +55,7 @@ from proxy.store.postgres_db import (
     migrate,
     to_memory,
 )
-from proxy.store.vectors import Draft, UserVectors, VectorCache, unit
+from proxy.store.vectors import UserVectors, VectorCache, unit
 
 __all__ = ["COLUMNS", "MIGRATIONS", "Conn", "PostgresStore", "VectorDumper", "describe"]
 

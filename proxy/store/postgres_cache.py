@@ -47,7 +47,7 @@ from proxy.store.postgres_db import (
     matrix_of,
     to_memory,
 )
-from proxy.store.vectors import TIE, UserVectors, VectorCache, choose, newest_first, rank, unit
+from proxy.store.vectors import TIE, UserVectors, VectorCache, choose, held_bytes, newest_first, rank, unit
 
 EXTRA = 5  # rows fetched past the k-th: enough, nearly always, to show that no near-tie was left out
 # Narrow rows through the scan and its top-N sort (id and score only); the full columns of the few winners after.
@@ -295,4 +295,5 @@ class CachedEngine(Engine):
                            np.array([m.updated_at for m in memories], dtype=np.float64), expires,
                            unit(matrix_of([row[-1] for row in rows], self.dimension)),
                            float(expires.min(initial=np.inf)), lexicon=Lexicon.build(m.text for m in memories),
-                           pinned=pinned if pinned.any() else None, memories=memories)
+                           pinned=pinned if pinned.any() else None, memories=memories,
+                           memories_bytes=held_bytes(memories))

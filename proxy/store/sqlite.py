@@ -45,6 +45,7 @@ import numpy.typing as npt
 from proxy.errors import StoreError, StoreUnavailable
 from proxy.models import PROFILE, Memory, NewMemory
 from proxy.store import Vector
+from proxy.store.draft import Draft
 from proxy.store.fileid import FileIdentity
 from proxy.store.sqlite_db import (
     COLUMNS,
@@ -59,7 +60,7 @@ from proxy.store.sqlite_db import (
     to_memory,
 )
 from proxy.store.sqlite_reads import SqliteReads
-from proxy.store.vectors import Draft, UserVectors, unit
+from proxy.store.vectors import UserVectors, unit
 
 __all__ = ["COLUMNS", "MIGRATIONS", "SqliteStore", "db"]
 T = TypeVar("T")
