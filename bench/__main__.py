@@ -211,8 +211,9 @@ def main() -> None:
 def run_all(args: argparse.Namespace, report: Report, tool: str, data: str, up: str, proxy: Server) -> None:
     """Every part asked for, against the proxy started on `data` (its store per args.store)."""
     started = rss_mib(proxy.proc.pid)
-    report.say(f"## Benchmarks\n\nOne proxy worker on {event_loop_of(proxy.proc.pid)}, a 2-core machine, the load "
-               f"generator ({tool}) and the instant fake upstream on the same machine.\n")
+    engine = "a throwaway PostgreSQL + pgvector (--postgres)" if args.postgres else "SQLite (a temporary file)"
+    report.say(f"## Benchmarks\n\nOne proxy worker on {event_loop_of(proxy.proc.pid)}, its memories in {engine}; a "
+               f"2-core machine, the load generator ({tool}) and the instant fake upstream on the same machine.\n")
     why = memory_ready(proxy)
     users = None
     if why:
