@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from proxy import demo_responses
+
 ANSWER = "Sure. Here is a short answer that a model might give, about forty tokens long, to a short question."
 BLOCK = '\n<memory>\n[{"text": "User likes benchmarks", "category": "preference"}]\n</memory>'
 CREATED = 1_700_000_000
@@ -46,36 +48,17 @@ def deltas_events(model: str, deltas: list[str]) -> list[bytes]:
             chunk({}, "stop"), b"data: [DONE]\n\n"]
 
 
-def response_object(model: str, text: str, status: str = "completed") -> dict[str, Any]:
-    """A Responses API `response` with one message (as OpenAI sends it, fields trimmed to what clients read)."""
-    output = [{"id": "msg_bench", "type": "message", "status": "completed", "role": "assistant",
-               "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}]
-    return {"id": "resp_bench", "object": "response", "created_at": CREATED, "status": status, "model": model,
-            "output": output if status == "completed" else [], "error": None, "incomplete_details": None,
-            "usage": {"input_tokens": 20, "output_tokens": 40, "total_tokens": 60} if status == "completed" else None}
+def response_object(model: str, text: str) -> dict[str, Any]:
+    """A completed Responses API `response` with one message (proxy/demo_responses.py: the shapes)."""
+    usage = {"input_tokens": 20, "output_tokens": 40, "total_tokens": 60}
+    return demo_responses.response_object("resp_bench", "msg_bench", model, text, created_at=CREATED, usage=usage)
 
 
 def response_events(model: str, text: str) -> list[bytes]:
     """The event sequence of a streamed Responses API answer, one text delta per word."""
-    where = {"item_id": "msg_bench", "output_index": 0}
-    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     words = text.split(" ")
-    sequence: list[dict[str, Any]] = [
-        {"type": "response.created", "response": response_object(model, text, "in_progress")},
-        {"type": "response.in_progress", "response": response_object(model, text, "in_progress")},
-        {"type": "response.output_item.added", "output_index": 0, "item": {
-            "id": "msg_bench", "type": "message", "status": "in_progress", "role": "assistant", "content": []}},
-        {"type": "response.content_part.added", **where, "content_index": 0, "part": part},
-        *({"type": "response.output_text.delta", **where, "content_index": 0, "logprobs": [],
-           "delta": w + (" " if i < len(words) - 1 else "")} for i, w in enumerate(words)),
-        {"type": "response.output_text.done", **where, "content_index": 0, "text": text, "logprobs": []},
-        {"type": "response.content_part.done", **where, "content_index": 0, "part": {**part, "text": text}},
-        {"type": "response.output_item.done", "output_index": 0,
-         "item": response_object(model, text)["output"][0]},
-        {"type": "response.completed", "response": response_object(model, text)},
-    ]
-    return [b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps({**e, "sequence_number": n}))
-            for n, e in enumerate(sequence)]
+    return demo_responses.response_events(response_object(model, text),
+                                          [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)])
 
 
 # Models whose answers are pathological for a block filter: a model stuck in a loop, and the like.

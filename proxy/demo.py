@@ -1,8 +1,9 @@
 """The demo upstream (`memory-proxy demo-upstream`): an OpenAI-compatible server on 127.0.0.1 that stands in for a
 model, so that a newcomer without an API key can watch a fact being stored and recalled.
 
-It answers `POST /v1/chat/completions` (streamed or not, in OpenAI's chunk shapes) and `GET /v1/models`, and it
-behaves as a model that follows the proxy's memory protocol would:
+It answers `POST /v1/chat/completions` (streamed or not, in OpenAI's chunk shapes), the Responses API
+(proxy/demo_responses.py) and `GET /v1/models`, and it behaves as a model that follows the proxy's memory protocol
+would:
 
 - It reads the memories it was shown from whichever message holds a `<memories>` block (lines such as
   `[m1] (fact) "User lives in Porto"`), wherever the proxy put it, and says them back, so recall is visible.
@@ -309,8 +310,13 @@ async def not_found(request: Request) -> Response:
 
 def create_demo_app() -> Starlette:
     """The demo upstream as an ASGI app (its base URL for clients ends in /v1)."""
+    from proxy.demo_responses import DemoResponses  # it builds on this module
+
+    responses = DemoResponses()
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/responses", responses.create, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses.retrieve, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/{path:path}", not_found, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
     ])

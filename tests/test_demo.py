@@ -193,3 +193,42 @@ def test_a_fact_told_is_stored_and_recalled_in_a_new_conversation(
             ("User is vegetarian", "preference", "inline")]
         second = say("What should I cook tonight?")
     assert second == "How about a mushroom risotto tonight? I remember: User is vegetarian."
+
+
+def test_responses_wire_shapes_are_openai_s(demo: str) -> None:
+    with openai.OpenAI(base_url=demo, api_key="unused", max_retries=0) as client:
+        done = client.responses.create(model="demo", instructions="Be brief.", input="Hi")
+        assert done.status == "completed" and done.output_text and done.usage is not None
+        assert client.responses.retrieve(done.id).output_text == done.output_text
+        events = list(client.responses.create(model="demo", input=[{"role": "user", "content": "Hi"}], stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text == done.output_text
+    for bad, param in ((b"{", None), (b'{"input": 3}', "input")):
+        response = httpx.post(demo + "/responses", content=bad)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+    assert httpx.get(demo + "/responses/resp_gone").json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_responses_api_stores_and_recalls_through_the_proxy(
+        demo: str, settings_for: Callable[..., Settings], start_proxy: Callable[..., str], stream: bool) -> None:
+    proxy = start_proxy(settings_for(demo, recall_budget_ms=RECALL_BUDGET_MS))
+    with openai.OpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0) as client:
+        def say(text: str) -> str:
+            headers = {"X-Memory-User": "ana"}
+            if not stream:  # a string input and no instructions: the proxy adds its text to the input
+                return client.responses.create(model="demo", input=text, extra_headers=headers).output_text
+            # the client's own instructions: the proxy's text goes there
+            return "".join(e.delta for e in client.responses.create(
+                model="demo", instructions="You are a cook.", input=[{"role": "user", "content": text}],
+                extra_headers=headers, stream=True) if e.type == "response.output_text.delta")
+
+        assert say("Hi! I'm vegetarian.") == "Noted: you're vegetarian."
+        deadline = time.monotonic() + 10
+        while not (stored := httpx.get(f"{proxy}/memories/ana").json()["data"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [(m["text"], m["source"]) for m in stored] == [("User is vegetarian", "inline")]
+        second = say("What should I cook tonight?")
+    assert second == "How about a mushroom risotto tonight? I remember: User is vegetarian."
