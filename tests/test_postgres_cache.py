@@ -4,16 +4,20 @@ generation that every write bumps) and the schema step that brought it, against 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
+from psycopg.adapt import Buffer, Loader
+from psycopg.pq import Format
 
 from proxy.models import NewMemory
 from proxy.search import Fusion
 from proxy.store.postgres import MIGRATIONS, PostgresStore
-from proxy.store.postgres_db import VectorDumper
+from proxy.store.postgres_db import RawVectorLoader, VectorDumper, rows_of
 from proxy.store.vectors import held_bytes
 from tests.pgserver import postgres_databases, postgres_location, postgres_server
 from tests.test_store import DEDUPE, DIM, QUERY, assert_cache_and_sql_agree, counted_loads, near, stack, toward
@@ -121,7 +125,7 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
     from proxy.store import postgres, postgres_cache
     from proxy.store.draft import Draft
 
-    on_loop: dict[str, list[bool]] = {"index": [], "rank": [], "dedupe": [], "edit": []}
+    on_loop: dict[str, list[bool]] = {"index": [], "rank": [], "dedupe": [], "edit": [], "decode": []}
 
     def seen(step: str) -> None:
         on_loop[step].append(asyncio._get_running_loop() is not None)
@@ -147,8 +151,13 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
             seen("rank")
             return True
 
+    def decode(loader: RawVectorLoader, data: Any) -> bytes:  # psycopg turning the rows' vectors into objects
+        seen("decode")
+        return bytes(data)
+
     monkeypatch.setattr(postgres_cache, "Lexicon", WatchedLexicon)
     monkeypatch.setattr(postgres, "Draft", WatchedDraft)
+    monkeypatch.setattr(RawVectorLoader, "load", decode)
     big = postgres_cache.OFF_LOOP_ROWS + 50
     writer, reader = await open_pg(postgres_location), await open_pg(postgres_location)
     try:
@@ -167,6 +176,7 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
         await writer.add("small", [NewMemory("likes green tea")], vectors[:1] + 0.01)
         assert await reader.search("small", vectors[5], k=3, text="note 5", fusion=WatchedFusion())
         assert all(on_loop["index"]) and all(on_loop["rank"]) and all(on_loop["dedupe"]) and all(on_loop["edit"])
+        assert on_loop["decode"] and all(on_loop["decode"])
         # Indexing words costs ~10x scoring a row: a user past OFF_LOOP_INDEX_ROWS is indexed in a thread.
         middling = postgres_cache.OFF_LOOP_INDEX_ROWS + 50
         await writer.add("middling", [NewMemory(f"note {n} about rice") for n in range(middling)], vectors[:middling])
@@ -174,9 +184,41 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
             step.clear()
         assert await reader.search("middling", vectors[5], k=3, text="note 5", fusion=WatchedFusion())
         assert on_loop["index"] == [False] and on_loop["rank"] and all(on_loop["rank"])
+        assert len(on_loop["decode"]) == middling and all(on_loop["decode"])  # under OFF_LOOP_DECODE_ROWS
     finally:
         await writer.close()
         await reader.close()
+
+
+class TaggedVector(Loader):
+    """A loader of the connection's own (psycopg's defaults would give str or bytes): ("vector", raw bytes)."""
+
+    def load(self, data: Buffer) -> tuple[str, bytes]:
+        return ("vector", bytes(data))
+
+
+class BinaryTaggedVector(TaggedVector):
+    format = Format.BINARY
+
+
+@pytest.mark.parametrize("count", [3, 1200])
+async def test_rows_decoded_in_a_thread_equal_psycopg_s_own(postgres_location: str, count: int) -> None:
+    """Past OFF_LOOP_DECODE_ROWS a result's rows are decoded in a thread, by the cursor's own loaders (those the
+    connection registered included): the same values, types and NULLs as psycopg's fetchall."""
+    sql = """SELECT n, 'row ' || n, CASE WHEN n %% 3 = 0 THEN NULL ELSE n / 7.0 END, n %% 2 = 0,
+             timestamptz '2024-05-12 10:00+00' + n * interval '1 hour', ('[' || n || ',1,2]')::vector
+             FROM generate_series(1, %s) AS n"""
+    async with await psycopg.AsyncConnection.connect(postgres_location, autocommit=True) as conn:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        vector_oid = (await (await conn.execute("SELECT 'vector'::regtype::oid")).fetchone() or [0])[0]
+        conn.adapters.register_loader(vector_oid, TaggedVector)
+        conn.adapters.register_loader(vector_oid, BinaryTaggedVector)
+        for binary in (False, True):
+            own = await (await conn.cursor(binary=binary).execute(sql, (count,))).fetchall()
+            rows = await rows_of(await conn.cursor(binary=binary).execute(sql, (count,)))
+            assert rows == own and len(rows) == count and all(isinstance(row, tuple) for row in rows)
+            assert [type(value) for value in rows[1]] == [int, str, Decimal, bool, datetime, tuple]
+            assert rows[2][2] is None and rows[1][5][0] == "vector"
 
 
 async def test_writes_in_a_row_find_the_entry_the_last_one_made(postgres_location: str) -> None:

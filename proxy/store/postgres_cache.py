@@ -45,6 +45,7 @@ from proxy.store.postgres_db import (
     RawVectorLoader,
     describe,
     matrix_of,
+    rows_of,
     to_memory,
 )
 from proxy.store.vectors import TIE, UserVectors, VectorCache, choose, held_bytes, newest_first, rank, unit
@@ -142,7 +143,7 @@ class CachedEngine(Engine):
 
     @staticmethod
     async def fetch(conn: Conn, sql: str, params: dict[str, Any] | Sequence[Any]) -> list[tuple[Any, ...]]:
-        return await (await conn.execute(sql, params)).fetchall()
+        return await rows_of(await conn.execute(sql, params))
 
     async def current_generation(self, user: str) -> int | None:
         """The user's generation now, on a connection of its own (None: no such user)."""
@@ -278,7 +279,7 @@ class CachedEngine(Engine):
         await cursor.execute(f'SELECT {COLUMNS}, embedding FROM memories '
                              f'WHERE "user" = %(user)s AND {LIVE} ORDER BY id LIMIT %(limit)s',
                              {"user": user, "now": now, "limit": self.max_cached_rows + 1})
-        rows = await cursor.fetchall()
+        rows = await rows_of(cursor)
         if len(rows) > self.max_cached_rows:
             entry = UserVectors(generation)
         else:

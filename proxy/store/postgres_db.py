@@ -5,6 +5,7 @@ proxy/store/postgres.py builds the store on these.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import psycopg
-from psycopg.adapt import Buffer, Dumper, Loader
+from psycopg.adapt import Buffer, Dumper, Loader, Transformer
 from psycopg.pq import Format
 from psycopg_pool import PoolTimeout
 
@@ -23,6 +24,11 @@ from proxy.store import redact, vector_meta
 
 Floats = npt.NDArray[np.float32]
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+Cursor = psycopg.AsyncCursor[tuple[Any, ...]]
+# psycopg turns a result's values into Python objects when the rows are fetched, on the caller's thread: ~1.4 us a
+# row (a 10k-memory user's cache load, ~14 ms: bench/stalls.py). Past this many rows that moves to a thread; the
+# loop still waits for the GIL there, but at most a switch interval (5 ms) at a time.
+OFF_LOOP_DECODE_ROWS = 500
 COLUMNS = ('id, "user", text, category, source, created_at, updated_at, expires_at, supersedes, superseded_by, '
            "happened_at, valid_until")
 PREFIXED = ", ".join("m." + column.strip() for column in COLUMNS.split(","))  # of the table aliased m
@@ -78,6 +84,21 @@ class RawVectorLoader(Loader):
 
     def load(self, data: Buffer) -> bytes:
         return bytes(data)
+
+
+async def rows_of(cursor: Cursor) -> list[tuple[Any, ...]]:
+    """Every row of the result `cursor` just received, as tuples decoded by the cursor's loaders; decoded in a
+    thread when there are more than OFF_LOOP_DECODE_ROWS (the result is already in memory: no I/O happens there)."""
+    result = cursor.pgresult
+    if result is None or result.ntuples <= OFF_LOOP_DECODE_ROWS:
+        return await cursor.fetchall()
+
+    def decoded() -> list[tuple[Any, ...]]:
+        transformer = Transformer.from_context(cursor)  # the cursor's loaders, RawVectorLoader included
+        transformer.set_pgresult(result)
+        return transformer.load_rows(0, result.ntuples, tuple)
+
+    return await asyncio.to_thread(decoded)
 
 
 def matrix_of(raw: Sequence[bytes], dimension: int) -> Floats:
