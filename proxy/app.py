@@ -11,7 +11,7 @@ import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -96,7 +96,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         Middleware(DateHeader), Middleware(Instrumentation, access_log=settings.access_log),
         Middleware(RequestLimits, body_timeout=settings.request_body_timeout),
     ], exception_handlers={
-        ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected_error,
+        ProxyError: _proxy_error, HTTPException: _http_error, ClientDisconnect: _client_gone,
+        Exception: _unexpected_error,
     })
     app.state.settings = settings
     app.state.gate = gate
@@ -117,6 +118,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     message = {404: f"no route for {request.method} {request.url.path}",
                405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
     return error_response(exc.status_code, message, kind, code="not_found" if exc.status_code == 404 else None)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client closed the connection before its request body was read (or sent a body the parser refused):
+    nobody to answer, and not our fault. Counted and logged as 499, nginx's "client closed request", not 500."""
+    log.info("%s %s: the client left before its request was read", request.method, request.url.path)
+    return Response(status_code=499)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

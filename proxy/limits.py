@@ -7,6 +7,7 @@
                           And a size: at most `max_request_head_bytes` bytes and MAX_HEADER_FIELDS fields, counted
                           as the bytes come; then 431 and close (uvicorn's httptools protocol has no bound at all).
                           A chunked body's trailer section gets the same bound; past it the connection is closed.
+                          What the parser refuses is a 400 in OpenAI's error shape, as every error of ours is.
     RequestLimits         ASGI: the whole body must arrive within `request_body_timeout` seconds of the head
                           (408 and close, `RequestTimeout`); any /v1 path with a dot segment (`..`, `%2e%2e`,
                           `.%2E`, `..;`, double-encoded, or between backslashes) is refused with 400 before anything
@@ -162,6 +163,19 @@ class HeadLimitsProtocol(HttpToolsProtocol):
                 self._head_room = 0
                 self._refused = True
                 self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """What the parser refuses (a bad request line, header or chunk size; Content-Length with
+        Transfer-Encoding), answered in OpenAI's error shape rather than uvicorn's plain text, and closed. Not when
+        an answer is already under way on the connection: bytes of ours in the middle of it would corrupt it."""
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(closing_response(
+                b"400 Bad Request", "the request is not valid HTTP/1.1 (its request line, a header or the body's "
+                "framing)", "invalid_http_request"))
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

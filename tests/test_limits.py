@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -218,3 +220,55 @@ def test_connections_past_the_bound_are_refused_until_slots_free_up(upstream: Up
             assert answer == b"" or status(answer) == 408
     # ...and then the proxy serves again.
     assert status(raw_request(proxy, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")) == 200
+
+
+# --- what the HTTP parser refuses ------------------------------------------------------------------------------
+
+CHAT = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+MALFORMED = {
+    "a garbage request line": b"HELLO THERE\r\n\r\n",
+    "a control character in a header value": CHAT + b"X-Memory-User: a\x01b\r\nContent-Length: 2\r\n\r\n{}",
+    "DEL in a header value": CHAT + b"X-Memory-User: a\x7fb\r\nContent-Length: 2\r\n\r\n{}",
+    "a space in a header name": CHAT + b"X Memory: a\r\nContent-Length: 2\r\n\r\n{}",
+    "a Content-Length that is no number": CHAT + b"Content-Length: abc\r\n\r\n{}",
+    "Content-Length beside Transfer-Encoding": CHAT + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                               b"2\r\n{}\r\n0\r\n\r\n",
+    "a chunk size that is no number": CHAT + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("what", list(MALFORMED))
+def test_what_the_parser_refuses_is_a_400_in_openai_s_shape(upstream: Upstream, settings_for: Callable[..., Settings],
+                                                            start_proxy: Callable[..., str], what: str) -> None:
+    """uvicorn answers these in plain text; every error of ours is {"error": {message, type, param, code}}."""
+    fake, url = upstream
+    proxy = start_proxy(settings_for(url))
+    response = raw_request(proxy, MALFORMED[what])
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert status(response) == 400 and b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_http_request"
+    assert fake.chats == []
+    assert httpx.get(proxy + "/healthz").status_code == 200  # and the server goes on
+    assert 'status="500"' not in httpx.get(proxy + "/metrics").text  # a body cut off is the client's doing
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/memories/alice"])
+def test_a_client_that_leaves_mid_body_is_a_499_not_an_error(upstream: Upstream, settings_for: Callable[..., Settings],
+                                                             start_proxy: Callable[..., str], path: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Declared 100 bytes, sent 10 and closed: nothing reaches the upstream or the store, no traceback is logged,
+    and the metrics count it as 499 (nginx's "client closed request"), not as a 500 an alert would page on."""
+    fake, url = upstream
+    proxy = start_proxy(settings_for(url))
+    with connect(proxy) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Memory-User: al\r\n"
+                     "Content-Length: 100\r\n\r\n".encode() + b'{"model": ')
+        time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and 'status="499"' not in httpx.get(proxy + "/metrics").text:
+        time.sleep(0.05)
+    metrics = httpx.get(proxy + "/metrics").text
+    assert 'status="499"' in metrics and 'status="500"' not in metrics
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert fake.chats == [] and httpx.get(proxy + "/memories/al").json()["data"] == []
