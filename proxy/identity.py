@@ -21,11 +21,15 @@ def identify(request: Request, body: dict[str, Any], header: str, gate: Gate, te
     """The store's id of the end user: the user header, else the body's `user` field (unless users must be
     signed), within the caller's tenant; None when no one is named.
 
-    The header is ours: a malformed one is a 400 (BadRequest), a missing signature a 401 (Unauthorized); an empty
-    one names no one (an app's anonymous user). The body's `user` is the upstream's field (OpenAI's end-user id):
-    a value no memories can be filed under ("", not a string, too long) names no one and refuses nothing, so
-    the request goes on without memory (`unusable_user` tells the chat path to say so)."""
-    user = header_text(request.headers.get(header))
+    The header is ours: a malformed one (not UTF-8, sent twice, not a user id) is a 400 (BadRequest), a missing
+    signature a 401 (Unauthorized); an empty one names no one (an app's anonymous user). The body's `user` is the
+    upstream's field (OpenAI's end-user id): a value no memories can be filed under ("", not a string, too long)
+    names no one and refuses nothing, so the request goes on without memory (`unusable_user` tells the chat path
+    to say so)."""
+    sent = request.headers.getlist(header)
+    if len(sent) > 1:  # which one a gateway meant is not ours to guess (one appended after the client's, say)
+        raise BadRequest(f"{header} was sent {len(sent)} times: name one user", param=header, code="invalid_user")
+    user = header_text(sent[0], header) if sent else None
     param = header
     if user is not None and not user.strip():
         user = None
@@ -54,13 +58,14 @@ def unusable_user(body: dict[str, Any]) -> bool:
     return not isinstance(user, str) or not user.strip() or check_user_id(user) is not None
 
 
-def header_text(value: str | None) -> str | None:
+def header_text(value: str, header: str) -> str:
     """A header value as the client meant it. Starlette decodes header bytes as Latin-1; clients send a
     non-ASCII user id as UTF-8, and it must name the same user as the body's `user` or the API's path does.
-    Bytes that are not UTF-8 keep their Latin-1 reading (RFC 9110 §5.5: opaque octets)."""
-    if value is None or value.isascii():
+    BadRequest when the bytes are not UTF-8: read as Latin-1 they would name another user than the client meant
+    (and `h\xffx` the same one as a UTF-8 `hÿx`), as a path that is not UTF-8 is refused."""
+    if value.isascii():
         return value
     try:
         return value.encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
-        return value
+        raise BadRequest(f"{header} is not UTF-8", param=header, code="invalid_user") from None

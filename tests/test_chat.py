@@ -170,13 +170,25 @@ def test_no_user_means_byte_identical_forwarding(proxy: str, fake: FakeUpstream)
     assert fake.chats[-1].body == body
 
 
-@pytest.mark.parametrize("user", ["x" * 257, "y" * 1000])
-def test_bad_user_headers_are_400(proxy: str, fake: FakeUpstream, user: str) -> None:
-    """The user header is the proxy's own (a body `user` it cannot use is the upstream's: test_unreadable.py)."""
-    response = httpx.post(proxy + "/v1/chat/completions", headers={"X-Memory-User": user.encode("latin-1")},
-                          json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_user"
-    assert fake.chats == []
+BAD_USER_HEADERS = {
+    "too long": [b"x" * 257], "far too long": [b"y" * 1000],
+    "not UTF-8 (Latin-1 y-diaeresis)": [b"h\xffx"], "not UTF-8 (a lone continuation byte)": [b"zo\x80"],
+    "sent twice": [b"alice", b"bob"], "sent twice, the same": [b"alice", b"alice"],
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_USER_HEADERS))
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_bad_user_headers_are_400(proxy: str, fake: FakeUpstream, what: str, path: str) -> None:
+    """The user header is the proxy's own (a body `user` it cannot use is the upstream's: test_unreadable.py):
+    one that names no user for sure is refused, never read as some user (the first of two, or a Latin-1 reading
+    that `h\xc3\xbfx`, UTF-8 for the same letters, would also name)."""
+    headers = [(b"X-Memory-User", value) for value in BAD_USER_HEADERS[what]]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "input": "hi"}
+    response = httpx.post(proxy + path, headers=headers, json=body)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "invalid_user" and error["param"] == "X-Memory-User"
+    assert fake.chats == [] and httpx.get(proxy + "/users").json()["data"] == []
 
 
 def test_memory_fault_answers_without_memory(upstream: Upstream, settings_for: Callable[..., Settings],
