@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -82,3 +85,51 @@ def test_erase_takes_the_users_stored_conversations_too(tmp_path: Path, capsys: 
     _, out = run(capsys, db, "memories", "erase", "--user", "alice", "--yes", "--json")
     assert orjson.loads(out) == [{"user": "alice", "deleted": 0, "sessions_deleted": 1}]
     assert asyncio.run(sessions_of(db)) == {"alice": False, "bob": True}
+
+
+@pytest.mark.parametrize("argv", [["list", "--limit", "0"], ["list", "--limit", "1001"], ["list", "--limit", "-3"],
+                                  ["search", "bees", "-k", "0"], ["search", "bees", "-k", "-3"],
+                                  ["search", "bees", "-k", "101"], ["add", "x", "--happened-at", "last May"],
+                                  ["add", "x", "--happened-at", "2024-13"]])
+def test_the_cli_bounds_what_the_rest_api_bounds(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 argv: list[str]) -> None:
+    """The CLI takes what `GET /memories/{user}?limit=`, `/search?k=` and `happened_at` take, no more: a usage
+    error (exit 2) that names the bound, and nothing written."""
+    db = tmp_path / "m.db"
+    run(capsys, db, "memories", "add", "--user", "alice", "Alice keeps bees")
+    with pytest.raises(SystemExit) as stopped:
+        run(capsys, db, "memories", argv[0], "--user", "alice", *argv[1:])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and ("whole number from" in error or "ISO 8601" in error)
+    _, out = run(capsys, db, "memories", "list", "--user", "alice", "--json")
+    assert [m["text"] for m in orjson.loads(out)] == ["Alice keeps bees"]
+
+
+def test_add_takes_when_it_happened(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "m.db"
+    code, out = run(capsys, db, "memories", "add", "--user", "alice", "Alice ran the Porto marathon",
+                    "--category", "event", "--happened-at", "2024-05", "--json")
+    assert code == 0 and orjson.loads(out)[0]["happened_at"] == "2024-05"
+
+
+def test_import_of_a_file_that_is_not_there_is_a_clear_error(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["memories", "import", "--user", "alice", str(tmp_path / "nope.jsonl"), "--db",
+                 str(tmp_path / "m.db")], environ={"HOME": str(tmp_path)})
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("memory-proxy: cannot read") and "Traceback" not in error
+
+
+def test_export_into_a_pipe_closed_early_ends_quietly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`memory-proxy memories export ... | head -c 300`: the reader leaves; no traceback, exit 141 (as SIGPIPE)."""
+    db = tmp_path / "m.db"
+    for n in range(40):
+        run(capsys, db, "memories", "add", "--user", "alice", f"Alice's note number {n} about her garden")
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    exporter = subprocess.Popen([sys.executable, "-m", "proxy", "memories", "export", "--user", "alice", "--db",
+                                 str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert exporter.stdout is not None and exporter.stderr is not None
+    assert exporter.stdout.read(300)
+    exporter.stdout.close()  # as `head` does once it has its bytes
+    stderr = exporter.stderr.read().decode()
+    assert exporter.wait(60) == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
