@@ -18,7 +18,7 @@ from proxy.errors import BadRequest, NotFound
 from proxy.memories import Cleaning, Memories
 from proxy.models import Memory, NewMemory, check_user_id, happened_at, is_unicode
 from proxy.passthrough import off_loop, read_body
-from proxy.restore import parse_lines, restore, shown, with_status
+from proxy.restore import MEMORY_ID, parse_lines, restore, shown, with_status
 from proxy.routing import SegmentRoute
 from proxy.sessions import Sessions
 
@@ -101,8 +101,10 @@ async def list_memories(request: Request) -> Response:
     memories, user = memories_of(request)
     limit = int_param(request, "limit", 100, 1, MAX_LIST)
     history = request.query_params.get("include_history", "").lower() in {"1", "true"}
-    page = await memories.store.list(user, limit + 1, before=request.query_params.get("after") or None,
-                                     include_history=history)
+    after = request.query_params.get("after") or None
+    if after is not None and not MEMORY_ID.fullmatch(after):  # else every id sorts before it: all, silently
+        raise BadRequest("'after' must be a memory id (the previous page's last_id: 20 hex digits)", param="after")
+    page = await memories.store.list(user, limit + 1, before=after, include_history=history)
     data = [m.to_dict() for m in page[:limit]]
     return json_response({"object": "list", "data": data, "has_more": len(page) > limit,
                           "last_id": data[-1]["id"] if data else None})

@@ -253,7 +253,7 @@ def document(settings: Settings) -> Schema:
         "/memories/{user}": {
             "get": memory_operation("List the user's memories", listed, params=[
                 query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST}, "At most this many"),
-                query("after", {"type": "string"}, "The last id of the previous page"),
+                query("after", {"type": "string", "pattern": MEMORY_ID_PATTERN}, "The last id of the previous page"),
                 query("include_history", {"type": "boolean"}, "Superseded memories too")]),
             "post": with_ok(memory_operation("Add memories (a near-duplicate updates the memory it repeats)", stored,
                                              status="201", body=new_memories), updated),

@@ -63,6 +63,14 @@ def test_pagination_with_cursor(api: str) -> None:
     assert len(seen) == 7 == len(set(seen)) and seen == sorted(seen, reverse=True)
 
 
+@pytest.mark.parametrize("after", ["zzz", "0" * 19, "0" * 21, "ABCDEF0123456789ABCD", "0123456789abcdef012%"])
+def test_a_cursor_that_is_no_memory_id_is_a_400(api: str, after: str) -> None:
+    """`after` past every id ("zzz") would silently list everything again, a loop for a pager."""
+    add(api, "cursor", {"text": "Cursor keeps a diary"})
+    response = httpx.get(f"{api}/memories/cursor", params={"after": after})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "after"
+
+
 def test_search_scores_and_isolation(api: str) -> None:
     add(api, "dan", {"text": "Dan plays the cello in an orchestra"}, {"text": "Dan is allergic to peanuts"})
     add(api, "eve", {"text": "Eve plays the cello too"})
