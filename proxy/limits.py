@@ -166,16 +166,31 @@ class HeadLimitsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """What the parser refuses (a bad request line, header or chunk size; Content-Length with
-        Transfer-Encoding), answered in OpenAI's error shape rather than uvicorn's plain text, and closed. Not when
-        an answer is already under way on the connection: bytes of ours in the middle of it would corrupt it."""
+        Transfer-Encoding) is a 400 in OpenAI's error shape rather than uvicorn's plain text, and the connection
+        closes. As with 431 (`_refuse`), requests before it on the connection are answered first, whole; a
+        request whose body the parser refused is not run, or, already running, sees its client gone (its answer
+        is never written: an answer already under way is cut off, never corrupted with ours)."""
         if self._refused or self.transport.is_closing():
             return
-        self._refused = True
-        if self.cycle is None or not self.cycle.response_started:
-            self.transport.write(closing_response(
-                b"400 Bad Request", "the request is not valid HTTP/1.1 (its request line, a header or the body's "
-                "framing)", "invalid_http_request"))
-        self.transport.close()
+        refusal = closing_response(b"400 Bad Request", "the request is not valid HTTP/1.1 (its request line, a "
+                                   "header or the body's framing)", "invalid_http_request")
+        cycle = self.cycle
+        if self._head_room is not None or cycle is None:  # in a head: no cycle of its own yet
+            self._refuse(refusal)
+            return
+        queued = [entry for entry in self.pipeline if entry[0] is cycle]
+        for entry in queued:  # not started: it never will be; the running request before it is answered first
+            self.pipeline.remove(entry)
+        cycle.disconnected = True  # a request reading its body gets http.disconnect (proxy/app.py: 499)
+        cycle.message_event.set()
+        if queued:
+            self._refuse(refusal)
+            return
+        self._head_room, self._refused = 0, True
+        if cycle.response_started:
+            self.transport.close()
+        else:
+            self._answer_and_close(refusal)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

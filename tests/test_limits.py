@@ -16,7 +16,7 @@ import pytest
 from proxy.auth import sign, sign_unexpiring
 from proxy.config import Settings
 from proxy.limits import has_dot_segment
-from tests.fakeupstream import FakeUpstream
+from tests.fakeupstream import FakeUpstream, Reply
 
 Upstream = tuple[FakeUpstream, str]
 KEY = "pk-tenant-a-0123456789"
@@ -272,3 +272,61 @@ def test_a_client_that_leaves_mid_body_is_a_499_not_an_error(upstream: Upstream,
     assert 'status="499"' in metrics and 'status="500"' not in metrics
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert fake.chats == [] and httpx.get(proxy + "/memories/al").json()["data"] == []
+
+
+def requests_on_one_connection(proxy: str, *sends: bytes, pause: float = 0.0) -> bytes:
+    with connect(proxy) as sock:
+        for send in sends:
+            sock.sendall(send)
+            time.sleep(pause)
+        return read_all(sock)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes the connection (or 5 s of quiet)."""
+    sock.settimeout(5)
+    data = b""
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+GOOD_GET = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("what", [w for w in MALFORMED if "chunk" not in w])
+@pytest.mark.parametrize("pause", [0.3, 0.0], ids=["kept-alive", "pipelined"])
+def test_a_malformed_request_after_a_good_one_gets_its_400_after_the_good_answer(
+        upstream: Upstream, settings_for: Callable[..., Settings], start_proxy: Callable[..., str], what: str,
+        pause: float) -> None:
+    """The request before it on the connection is answered whole, then the 400; a write it asked for is done."""
+    _, url = upstream
+    proxy = start_proxy(settings_for(url))
+    fact = b'{"text": "Pipe user keeps a boat"}'
+    store = (b"POST /memories/pipeuser HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Content-Length: %d\r\n\r\n%s" % (len(fact), fact))
+    data = requests_on_one_connection(proxy, store, MALFORMED[what], pause=pause)
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 201") and rest.count(b"HTTP/1.1 400 ") == 1, data
+    refusal = rest[rest.index(b"HTTP/1.1 400 "):]
+    assert refusal.startswith(b"HTTP/1.1 400") and b'"invalid_http_request"' in refusal
+    assert [m["text"] for m in httpx.get(proxy + "/memories/pipeuser").json()["data"]] == ["Pipe user keeps a boat"]
+
+
+def test_a_bad_chunk_behind_a_streamed_answer_never_lands_inside_it(upstream: Upstream,
+                                                                    settings_for: Callable[..., Settings],
+                                                                    start_proxy: Callable[..., str]) -> None:
+    """A streamed chat answer under way, and behind it a request whose chunked body the parser refuses: the
+    stream ends whole (its last chunk), then the 400; the refused request never reaches the upstream."""
+    fake, url = upstream
+    proxy = start_proxy(settings_for(url))
+    fake.reply(Reply(text="Streaming along nicely, thank you.", chunk_size=4, delay=0.05))
+    body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    streamed = CHAT + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    data = requests_on_one_connection(proxy, streamed + MALFORMED["a chunk size that is no number"])
+    first_end = data.find(b"0\r\n\r\n")
+    refusal = data.find(b"HTTP/1.1 400")
+    assert data.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in data[:first_end], data
+    assert 0 < first_end < refusal and b'"invalid_http_request"' in data[refusal:]
+    assert len(fake.chats) == 1
