@@ -56,7 +56,7 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # str.isdigit admits "²"
         raise BadRequest(f"'{name}' must be a whole number from {low} to {high}", param=name)
     return int(raw)
 

@@ -231,7 +231,7 @@ def parse_budgets(spec: str) -> tuple[tuple[str, int], ...]:
     pairs = []
     for entry in filter(None, (part.strip() for part in spec.split(","))):
         pattern, sep, tokens = entry.rpartition("=")
-        if not sep or not pattern.strip() or not tokens.strip().isdigit():
+        if not sep or not pattern.strip() or not (tokens.strip().isascii() and tokens.strip().isdigit()):
             raise ValueError(f"context_budgets entries look like model=tokens, not {entry!r}")
         pairs.append((pattern.strip(), int(tokens)))
     return tuple(pairs)

@@ -65,7 +65,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def whole(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: a whole number from `low` to `high`, the bounds the REST API gives the same parameter."""
     def parse(raw: str) -> int:
-        if not raw.isdigit() or not low <= int(raw) <= high:
+        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # str.isdigit admits "²"
             raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}")
         return int(raw)
     return parse

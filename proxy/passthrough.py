@@ -24,7 +24,7 @@ def declared_length(request: Request, limit: int) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest("invalid Content-Length header", code="invalid_content_length")
     length = int(value)
     if length > limit:

@@ -121,6 +121,11 @@ def test_erase_export_import_roundtrip(api: str) -> None:
     ("GET", "/memories/u/search", b"", "q"),
     ("GET", "/memories/u/search?q=x&k=0", b"", "k"),
     ("GET", "/memories/u?limit=abc", b"", "limit"),
+    ("GET", "/memories/u?limit=%C2%B2", b"", "limit"),  # "²": str.isdigit says yes, int() says no
+    ("GET", "/memories/u?limit=%D9%A5", b"", "limit"),  # U+0665, an Arabic-Indic five
+    ("GET", "/memories/u/search?q=x&k=%C2%B2", b"", "k"),
+    ("GET", "/memories/u/search?q=x&k=%F0%9D%9F%93", b"", "k"),  # a mathematical bold five
+    ("GET", "/sessions/u?limit=%C2%B2", b"", "limit"),
     ("PATCH", "/memories/u/none", b"{}", "id"),
     ("POST", "/memories/u/import", b"not json\n", None),
     ("GET", "/memories/" + "x" * 300, b"", "user"),
@@ -162,7 +167,8 @@ def test_users_lists_who_the_store_holds_with_a_cursor_and_a_prefix(api: str) ->
     assert [u["id"] for u in users(api, prefix="n").json()["data"]] == ["nina"]  # erased: gone from the list
 
 
-@pytest.mark.parametrize("query", ["prefix=a%1Fb", "after=%00", "limit=0", "limit=1001", "prefix=" + "x" * 300])
+@pytest.mark.parametrize("query", ["prefix=a%1Fb", "after=%00", "limit=0", "limit=1001", "limit=%C2%B2",
+                                   "prefix=" + "x" * 300])
 def test_users_refuses_bad_queries(api: str, query: str) -> None:
     response = httpx.get(f"{api}/users?{query}")
     assert response.status_code == 400 and response.json()["error"]["param"] == query.split("=")[0]

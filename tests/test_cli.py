@@ -89,7 +89,8 @@ def test_erase_takes_the_users_stored_conversations_too(tmp_path: Path, capsys: 
 
 @pytest.mark.parametrize("argv", [["list", "--limit", "0"], ["list", "--limit", "1001"], ["list", "--limit", "-3"],
                                   ["search", "bees", "-k", "0"], ["search", "bees", "-k", "-3"],
-                                  ["search", "bees", "-k", "101"], ["add", "x", "--happened-at", "last May"],
+                                  ["search", "bees", "-k", "101"], ["search", "bees", "-k", "\u0665"],
+                                  ["list", "--limit", "\u00b2"], ["add", "x", "--happened-at", "last May"],
                                   ["add", "x", "--happened-at", "2024-13"]])
 def test_the_cli_bounds_what_the_rest_api_bounds(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                  argv: list[str]) -> None:
