@@ -29,11 +29,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from proxy.config import Settings
-from proxy.errors import ConfigError, Unauthorized
+from proxy.errors import BadRequest, ConfigError, Unauthorized
 from proxy.models import TENANT_SEPARATOR, check_user_id
 
-SIGNATURE_HEADER = "x-memory-user-signature"
-TENANT_HEADER = "x-memory-tenant"
 TIMESTAMPED = re.compile(r"t=(\d{1,12}),\s*v1=([0-9a-fA-F]{64})")
 
 
@@ -108,7 +106,7 @@ class Gate:
         if self.admin_token:
             sent = bearer_token(request) or ""
             if hmac.compare_digest(sent.encode(), self.admin_token.encode()):
-                tenant = request.headers.get(TENANT_HEADER)
+                tenant = one_header(request, "X-Memory-Tenant")
                 if tenant is not None and check_user_id(tenant):
                     raise Unauthorized("X-Memory-Tenant is not a valid tenant name")
                 return tenant or None
@@ -125,7 +123,7 @@ class Gate:
         """Whether the user header's signature is right and current (always, when signing is off)."""
         if not self.signing_secret:
             return True
-        sent = request.headers.get(SIGNATURE_HEADER, "").strip()
+        sent = (one_header(request, "X-Memory-User-Signature") or "").strip()
         stamped = TIMESTAMPED.fullmatch(sent)
         if stamped:
             at = int(stamped.group(1))
@@ -157,3 +155,19 @@ def sign_unexpiring(secret: str, user: str) -> str:
     """The old signature (hex HMAC-SHA256 of the user id alone): it never expires, so it counts only with
     `user_signature_legacy` on."""
     return hmac.new(secret.encode(), user.encode(), hashlib.sha256).hexdigest()
+
+
+def one_header(request: Request, name: str, code: str = "invalid_header") -> str | None:
+    """The value of header `name` (any case), as the client meant it: UTF-8 (Starlette decodes header bytes as
+    Latin-1), or None when absent. BadRequest (param `name`) when it was sent more than once (which one a gateway
+    meant is not ours to guess) or is not UTF-8 (read as Latin-1, `h\\xffx` would name what a UTF-8 `hÿx` names);
+    `code` is the error's code."""
+    sent = request.headers.getlist(name)
+    if len(sent) > 1:
+        raise BadRequest(f"{name} was sent {len(sent)} times: send it once", param=name, code=code)
+    if not sent or sent[0].isascii():
+        return sent[0] if sent else None
+    try:
+        return sent[0].encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"{name} is not UTF-8", param=name, code=code) from None

@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 
 from proxy import logs
-from proxy.auth import Gate, namespaced
+from proxy.auth import Gate, namespaced, one_header
 from proxy.errors import BadRequest, Unauthorized
 from proxy.models import check_user_id
 
@@ -26,10 +26,7 @@ def identify(request: Request, body: dict[str, Any], header: str, gate: Gate, te
     upstream's field (OpenAI's end-user id): a value no memories can be filed under ("", not a string, too long)
     names no one and refuses nothing, so the request goes on without memory (`unusable_user` tells the chat path
     to say so)."""
-    sent = request.headers.getlist(header)
-    if len(sent) > 1:  # which one a gateway meant is not ours to guess (one appended after the client's, say)
-        raise BadRequest(f"{header} was sent {len(sent)} times: name one user", param=header, code="invalid_user")
-    user = header_text(sent[0], header) if sent else None
+    user = one_header(request, header, code="invalid_user")  # sent twice, or not UTF-8: 400
     param = header
     if user is not None and not user.strip():
         user = None
@@ -56,16 +53,3 @@ def unusable_user(body: dict[str, Any]) -> bool:
     if user is None:
         return False
     return not isinstance(user, str) or not user.strip() or check_user_id(user) is not None
-
-
-def header_text(value: str, header: str) -> str:
-    """A header value as the client meant it. Starlette decodes header bytes as Latin-1; clients send a
-    non-ASCII user id as UTF-8, and it must name the same user as the body's `user` or the API's path does.
-    BadRequest when the bytes are not UTF-8: read as Latin-1 they would name another user than the client meant
-    (and `h\xffx` the same one as a UTF-8 `hÿx`), as a path that is not UTF-8 is refused."""
-    if value.isascii():
-        return value
-    try:
-        return value.encode("latin-1").decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest(f"{header} is not UTF-8", param=header, code="invalid_user") from None

@@ -176,3 +176,24 @@ def test_users_of_a_tenant_are_listed_only_to_its_key_or_the_admin_naming_it(key
     assert ids(ADMIN, **{"X-Memory-Tenant": "globex"}) == ["ann", "bob"]
     assert ids(ADMIN) == []  # the admin token without a tenant: the users outside every tenant (none here)
     assert ids("wrong-token") == 401 and httpx.get(f"{keyed}/users").status_code == 401
+
+
+def test_the_tenant_and_signature_headers_are_read_once_and_as_utf_8(keyed: str, upstream: Upstream,
+                                                                     settings_for: Callable[..., Settings],
+                                                                     start_proxy: Callable[..., str]) -> None:
+    """As the user header: sent twice, or not UTF-8, is a 400 naming the header, never some tenant or user."""
+    admin = (b"Authorization", f"Bearer {ADMIN}".encode())
+    zoe = [admin, (b"X-Memory-Tenant", "zoë".encode())]  # UTF-8, as a client sends it
+    assert httpx.post(f"{keyed}/memories/bob", json={"text": "Bob plays go"}, headers=zoe).status_code == 201
+    assert [m["text"] for m in httpx.get(f"{keyed}/memories/bob", headers=zoe).json()["data"]] == ["Bob plays go"]
+    for tenants in ([b"zo\xeb"], [b"acme", b"globex"], [b"acme", b"acme"]):
+        headers = [admin, *((b"X-Memory-Tenant", tenant) for tenant in tenants)]
+        response = httpx.get(f"{keyed}/memories/bob", headers=headers)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "X-Memory-Tenant", tenants
+    signing = start_proxy(settings_for(upstream[1], user_signing_secret="gateway-secret"))
+    good, bad = sign("gateway-secret", "dave").encode(), sign("guess", "dave").encode()
+    for signatures in ([good, bad], [good, good]):
+        headers = [(b"X-Memory-User", b"dave"), *((b"X-Memory-User-Signature", sig) for sig in signatures)]
+        response = httpx.post(f"{signing}/v1/chat/completions", headers=headers,
+                              json={"model": "m", "messages": [{"role": "user", "content": "Hello"}]})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "X-Memory-User-Signature"
