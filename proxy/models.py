@@ -115,14 +115,14 @@ Operation = NewMemory | Forget
 
 
 MAX_USER_ID = 256
-PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
+PARTIAL_DATE = re.compile(r"([0-9]{4})(?:-([0-9]{2}))?")
 
 
 def happened_at(value: Any) -> str | None:
     """`value` as a `happened_at`: an ISO 8601 date or date-time as precise as the user said it ("2024",
     "2024-05", "2024-05-12", "2024-05-12T18:30", with an offset or Z), normalised; None when it is none of them."""
-    if not isinstance(value, str) or not 4 <= len(value.strip()) <= 40:
-        return None
+    if not isinstance(value, str) or not value.isascii() or not 4 <= len(value.strip()) <= 40:
+        return None  # ASCII: Python's own parsers take other scripts' digits
     text: str = value.strip()
     partial = PARTIAL_DATE.fullmatch(text)
     if partial:
@@ -131,7 +131,7 @@ def happened_at(value: Any) -> str | None:
             return None
         return text
     try:
-        if len(text) == 10:
+        if "T" not in text and " " not in text:  # a day ("20240512", "2024-W01-1" too), never a time it lacks
             return date.fromisoformat(text).isoformat()
         return datetime.fromisoformat(text.replace("Z", "+00:00")).isoformat()
     except ValueError:

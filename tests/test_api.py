@@ -10,6 +10,7 @@ import pytest
 
 from proxy.config import Settings
 from proxy.embed import HashEmbedder
+from proxy.models import happened_at
 from tests.fakeupstream import FakeUpstream
 
 Upstream = tuple[FakeUpstream, str]
@@ -184,6 +185,17 @@ def test_when_it_happened_and_until_when_it_held(api: str) -> None:
     assert patched.status_code == 200 and patched.json()["happened_at"] == "2024-03-09T09:00:00+00:00"
     assert patched.json()["text"] == event["text"]
     assert httpx.patch(f"{api}/memories/dora/{event['id']}", json={"happened_at": "soon"}).status_code == 400
+
+
+@pytest.mark.parametrize(("given", "stored"), [
+    ("2024", "2024"), ("2024-05", "2024-05"), ("2024-05-12", "2024-05-12"), ("20240512", "2024-05-12"),
+    ("2024-05-12T18:30Z", "2024-05-12T18:30:00+00:00"), ("2024-05-12 18:30", "2024-05-12T18:30:00"),
+    ("\u0662\u0660\u0662\u0664", None), ("\uff12\uff10\uff12\uff14-05", None), ("2024-13", None),
+    ("0000", None), ("last May", None), ("2024-05-12T25:00", None),
+])
+def test_happened_at_keeps_what_was_said_and_no_more(given: str, stored: str | None) -> None:
+    """A day stays a day (`20240512` is not midnight of it), digits are ASCII (Python's parsers take others)."""
+    assert happened_at(given) == stored
 
 
 def test_profile_memories_are_ranked_not_pinned_by_search(api: str) -> None:
