@@ -179,3 +179,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except BrokenPipeError:  # the reader left (`... | head`): what it read is what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
         return 141  # 128 + SIGPIPE, as a shell reports a command its pipe stopped
+    except OSError as exc:  # the machine's refusal (a full disk for the output, say): one line
+        print(f"memory-proxy: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+              file=sys.stderr)
+        return 1

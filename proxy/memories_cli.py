@@ -83,6 +83,8 @@ def when_it_happened(raw: str) -> str:
 def run_memories(args: argparse.Namespace) -> int:
     if args.verb == "import":  # read before the event loop starts: a file read would block it
         try:
+            if args.file == "-" and sys.stdin is None:
+                raise BadRequest("import -: there is no standard input to read (it is closed)")
             args.data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
         except OSError as exc:
             raise BadRequest(f"cannot read {args.file}: {exc.strerror or exc}") from None

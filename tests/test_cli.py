@@ -134,3 +134,21 @@ def test_export_into_a_pipe_closed_early_ends_quietly(tmp_path: Path, capsys: py
     exporter.stdout.close()  # as `head` does once it has its bytes
     stderr = exporter.stderr.read().decode()
     assert exporter.wait(60) == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+@pytest.mark.parametrize("case", ["stdout to a full disk", "import from a closed stdin"])
+def test_what_the_machine_refuses_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    """`memories export ... > /dev/full` and `memories import - <&-`: one line on stderr, no traceback."""
+    db = tmp_path / "m.db"
+    run(capsys, db, "memories", "add", "--user", "alice", "Alice keeps bees")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    verb = ["export"] if case.startswith("stdout") else ["import", "-"]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "proxy", "memories", *verb, "--user", "alice", "--db", str(db)],
+                              stdout=full if case.startswith("stdout") else None,
+                              stdin=subprocess.DEVNULL if case.startswith("stdout") else None,
+                              stderr=subprocess.PIPE, env=env, timeout=60,
+                              preexec_fn=None if case.startswith("stdout") else (lambda: os.close(0)))
+    stderr = done.stderr.decode()
+    assert done.returncode in (1, 2) and stderr.startswith("memory-proxy: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
