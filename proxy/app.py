@@ -24,7 +24,7 @@ from proxy.embed import Embedder
 from proxy.errors import ProxyError, error_response
 from proxy.extraction import open_extractor
 from proxy.instrumentation import Instrumentation
-from proxy.limits import HEAD_TIMEOUT_STATE, RequestLimits
+from proxy.limits import BODY_REFUSED, HEAD_TIMEOUT_STATE, RequestLimits
 from proxy.memories import open_memories
 from proxy.passthrough import passthrough
 from proxy.server import DateHeader
@@ -121,8 +121,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
-    """The client closed the connection before its request body was read (or sent a body the parser refused):
-    nobody to answer, and not our fault. Counted and logged as 499, nginx's "client closed request", not 500."""
+    """The client closed the connection before its request body was read: nobody to answer, and not our fault.
+    Counted and logged as 499, nginx's "client closed request", not 500; a body the parser refused as the 400
+    the client got from it (proxy/limits.py). Either way nothing is written: the connection is gone."""
+    if request.scope.get(BODY_REFUSED):
+        log.info("%s %s: the request's body is not valid HTTP/1.1: answered 400", request.method, request.url.path)
+        return Response(status_code=400)
     log.info("%s %s: the client left before its request was read", request.method, request.url.path)
     return Response(status_code=499)
 

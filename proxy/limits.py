@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 # The app's lifespan puts the setting in the lifespan state, which uvicorn hands every connection (`app_state`):
 # so each worker process, and each test server, times heads by its own settings.
 HEAD_TIMEOUT_STATE = "memory_proxy.request_head_timeout"
+# Set in the scope of a request whose body the parser refused: the client got our 400, not a 499 (proxy/app.py).
+BODY_REFUSED = "memory_proxy.body_refused"
 HEAD_TIMEOUT_DEFAULT = 10.0
 # The head's size comes with uvicorn's own knob for it (`h11_max_incomplete_event_size`, which bounds the h11
 # protocol the same way): server_options sets it from `max_request_head_bytes`.
@@ -181,7 +183,8 @@ class HeadLimitsProtocol(HttpToolsProtocol):
         queued = [entry for entry in self.pipeline if entry[0] is cycle]
         for entry in queued:  # not started: it never will be; the running request before it is answered first
             self.pipeline.remove(entry)
-        cycle.disconnected = True  # a request reading its body gets http.disconnect (proxy/app.py: 499)
+        cycle.disconnected = True  # a request reading its body gets http.disconnect (proxy/app.py)
+        cycle.scope[BODY_REFUSED] = True  # type: ignore[literal-required]
         cycle.message_event.set()
         if queued:
             self._refuse(refusal)

@@ -124,8 +124,11 @@ def test_import_of_a_file_that_is_not_there_is_a_clear_error(tmp_path: Path,
 def test_export_into_a_pipe_closed_early_ends_quietly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`memory-proxy memories export ... | head -c 300`: the reader leaves; no traceback, exit 141 (as SIGPIPE)."""
     db = tmp_path / "m.db"
-    for n in range(40):
-        run(capsys, db, "memories", "add", "--user", "alice", f"Alice's note number {n} about her garden")
+    words = ["garden", "tomatoes", "roses", "compost", "shed", "hedge", "pond", "bees", "apple tree", "mint"]
+    notes = [{"text": f"Alice's note {n}: her {words[n % 10]} needs care on day {n}; " + "details " * 40}
+             for n in range(200)]  # ~100 KB exported: more than a pipe holds, so the export must meet the close
+    (tmp_path / "notes.json").write_bytes(orjson.dumps(notes))
+    assert run(capsys, db, "memories", "import", "--user", "alice", str(tmp_path / "notes.json"))[0] == 0
     env = {**os.environ, "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     exporter = subprocess.Popen([sys.executable, "-m", "proxy", "memories", "export", "--user", "alice", "--db",
                                  str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
