@@ -16,7 +16,7 @@ from proxy import logs
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Cleaning, Memories
-from proxy.models import Memory, NewMemory, check_user_id, happened_at, is_unicode
+from proxy.models import Memory, NewMemory, check_user_id, happened_at, is_unicode, whole_number
 from proxy.passthrough import off_loop, read_body
 from proxy.restore import MEMORY_ID, parse_lines, restore, shown, with_status
 from proxy.routing import SegmentRoute
@@ -56,9 +56,10 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # str.isdigit admits "²"
+    value = whole_number(raw, low, high)
+    if value is None:
         raise BadRequest(f"'{name}' must be a whole number from {low} to {high}", param=name)
-    return int(raw)
+    return value
 
 
 async def json_body(request: Request) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from proxy.embed import cache_key
+from proxy.models import whole_number
 from proxy.plan import SYSTEM_ROLES, writable
 from proxy.rewrite import quote, with_text
 
@@ -231,9 +232,10 @@ def parse_budgets(spec: str) -> tuple[tuple[str, int], ...]:
     pairs = []
     for entry in filter(None, (part.strip() for part in spec.split(","))):
         pattern, sep, tokens = entry.rpartition("=")
-        if not sep or not pattern.strip() or not (tokens.strip().isascii() and tokens.strip().isdigit()):
+        budget = whole_number(tokens.strip())
+        if not sep or not pattern.strip() or budget is None:
             raise ValueError(f"context_budgets entries look like model=tokens, not {entry!r}")
-        pairs.append((pattern.strip(), int(tokens)))
+        pairs.append((pattern.strip(), budget))
     return tuple(pairs)
 
 

@@ -18,7 +18,7 @@ from proxy.auth import namespaced, parse_proxy_keys
 from proxy.config import Settings
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import open_memories
-from proxy.models import NewMemory, check_user_id, happened_at
+from proxy.models import NewMemory, check_user_id, happened_at, whole_number
 from proxy.restore import parse_lines, restore, shown, with_status
 from proxy.store import Store, check_creatable, locate, stored_dimension
 from proxy.store.sessions import open_session_store
@@ -65,9 +65,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def whole(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: a whole number from `low` to `high`, the bounds the REST API gives the same parameter."""
     def parse(raw: str) -> int:
-        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # str.isdigit admits "²"
+        value = whole_number(raw, low, high)
+        if value is None:
             raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}")
-        return int(raw)
+        return value
     return parse
 
 

@@ -115,6 +115,15 @@ Operation = NewMemory | Forget
 
 
 MAX_USER_ID = 256
+def whole_number(text: str, low: int = 0, high: int | None = None) -> int | None:
+    """`text` as a whole number written in ASCII digits from `low` to `high` (no bound: None), else None.
+    str.isdigit admits "²" (which int() refuses) and other scripts' digits (which it takes)."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if low <= value and (high is None or value <= high) else None
+
+
 PARTIAL_DATE = re.compile(r"([0-9]{4})(?:-([0-9]{2}))?")
 
 

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from proxy.errors import BadRequest, PayloadTooLarge, UpstreamError
+from proxy.models import whole_number
 from proxy.upstream import Upstream, close_quietly, request_headers, response_headers
 
 
@@ -24,9 +25,9 @@ def declared_length(request: Request, limit: int) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()):
+    length = whole_number(value)
+    if length is None:
         raise BadRequest("invalid Content-Length header", code="invalid_content_length")
-    length = int(value)
     if length > limit:
         raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit} bytes")
     return length

@@ -35,14 +35,15 @@ def connect(base: str) -> Iterator[socket.socket]:
         sock.close()
 
 
-def read_response(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection or goes quiet for 3 s."""
-    sock.settimeout(3)
+def read_response(sock: socket.socket, *, until_close: bool = False, quiet: float = 3) -> bytes:
+    """What the server sends until it closes the connection or goes quiet for `quiet` s; unless `until_close`,
+    only until the first answer (as long as its content-length says) is in."""
+    sock.settimeout(quiet)
     data = b""
     with contextlib.suppress(TimeoutError, ConnectionResetError):
         while chunk := sock.recv(65536):
             data += chunk
-            if b"\r\n\r\n" in data and data.split(b"\r\n\r\n", 1)[1]:
+            if not until_close and b"\r\n\r\n" in data and data.split(b"\r\n\r\n", 1)[1]:
                 head = data.split(b"\r\n\r\n", 1)[0].lower()
                 length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                if line.startswith(b"content-length:")), None)
@@ -294,17 +295,7 @@ def requests_on_one_connection(proxy: str, *sends: bytes, pause: float = 0.0) ->
         for send in sends:
             sock.sendall(send)
             time.sleep(pause)
-        return read_all(sock)
-
-
-def read_all(sock: socket.socket) -> bytes:
-    """Everything until the server closes the connection (or 5 s of quiet)."""
-    sock.settimeout(5)
-    data = b""
-    with contextlib.suppress(TimeoutError, ConnectionResetError):
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
+        return read_response(sock, until_close=True, quiet=5)
 
 
 
