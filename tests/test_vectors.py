@@ -3,14 +3,16 @@ readers already hold must never change under them."""
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
 
 import numpy as np
 import numpy.typing as npt
 
 from proxy.models import Memory
+from proxy.store import vectors
 from proxy.store.draft import Draft
-from proxy.store.vectors import FOLLOWED, UserVectors, VectorCache, held_bytes
+from proxy.store.vectors import FOLLOWED, SPLIT_ROWS, UserVectors, VectorCache, held_bytes, row_dots
 
 DIM = 8
 
@@ -192,3 +194,29 @@ def test_held_rows_are_counted_as_python_stores_them() -> None:
         counted[name] = held_bytes(rows)
         assert 0.85 < counted[name] / measured[name] < 1.15, (name, counted[name], measured[name])
     assert counted["emoji"] - counted["ascii"] >= 2000 * 499 * 3  # four bytes a character against one
+
+
+def test_a_large_scan_is_split_with_the_helper_and_taken_back_when_it_is_busy() -> None:
+    """Past SPLIT_ROWS rows the scan's second half goes to a helper thread; with the helper busy (another scan),
+    the caller scores that half itself instead of waiting: same numbers either way, odd row counts included."""
+    rng = np.random.default_rng(9)
+    query = rng.standard_normal(DIM).astype(np.float32)
+    for count in (0, 1, SPLIT_ROWS - 1, SPLIT_ROWS, 2 * SPLIT_ROWS + 3):
+        matrix = rng.standard_normal((count, DIM)).astype(np.float32)
+        np.testing.assert_allclose(row_dots(matrix, query), matrix @ query, rtol=1e-5, atol=1e-5)
+    matrix = rng.standard_normal((SPLIT_ROWS + 1, DIM)).astype(np.float32)
+    release, started = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        started.set()
+        release.wait(10)
+
+    blocker = vectors._helper.submit(busy)
+    try:
+        assert started.wait(5)
+        dots = row_dots(matrix, query)  # would hang until `release` if it waited for the helper
+        assert not blocker.done()
+        np.testing.assert_allclose(dots, matrix @ query, rtol=1e-5, atol=1e-5)
+    finally:
+        release.set()
+        blocker.result()
