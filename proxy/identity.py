@@ -47,8 +47,8 @@ def identify(request: Request, body: dict[str, Any], header: str, gate: Gate, te
 
 
 def unusable_user(body: dict[str, Any]) -> bool:
-    """Whether the body names a `user` no memories can be filed under: present, but not a string, blank, over
-    256 characters, or holding control characters."""
+    """Whether the body names a `user` no memories can be filed under: present, but not a string, blank, or not
+    a user id (proxy/models.py: check_user_id: over 256 characters, control characters, invisible marks)."""
     user = body.get("user")
     if user is None:
         return False

@@ -147,17 +147,29 @@ def happened_at(value: Any) -> str | None:
         return None
 
 
+# Invisible characters that change how an id reads, not what it is: the line and paragraph separators (a log line
+# or a terminal breaks on them), the byte order mark, and the bidirectional embeddings, overrides and isolates that
+# "Trojan Source" (CVE-2021-42574) abuses to show one id as another in the inspector, a log or a shell. Zero-width
+# joiners stay: emoji sequences and scripts such as Persian need them.
+INVISIBLE = frozenset("\u2028\u2029\ufeff\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def check_user_id(user: str, noun: str = "user id") -> str | None:
     """Why a user id is unacceptable, or None when it is fine: non-empty, at most 256 characters, no control
-    characters (they would forge log lines and break headers) and no lone surrogates (what bytes that are not
-    UTF-8 become when a percent-encoded path or an argument is decoded). Any other character is fine, `/`, `%`
-    and `..` included: in a URL the id is one percent-encoded path segment (proxy/routing.py)."""
+    characters (they would forge log lines and break headers), none of the INVISIBLE line breaks and direction
+    marks, and no lone surrogates (what bytes that are not UTF-8 become when a percent-encoded path or an
+    argument is decoded). Any other character is fine, `/`, `%` and `..` included: in a URL the id is one
+    percent-encoded path segment (proxy/routing.py)."""
     if not user:
         return f"the {noun} is empty"
     if len(user) > MAX_USER_ID:
         return f"the {noun} is longer than {MAX_USER_ID} characters"
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in user):
         return f"the {noun} contains control characters"
+    invisible = next((c for c in user if c in INVISIBLE), None)
+    if invisible is not None:
+        return (f"the {noun} contains U+{ord(invisible):04X}, an invisible line break or direction mark (it would "
+                "show the id as another)")
     if not is_unicode(user):
         return f"the {noun} is not valid UTF-8"
     return None

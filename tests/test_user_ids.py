@@ -107,6 +107,28 @@ def test_ids_no_path_can_name_are_refused_clearly(api: str, path: str, status: i
     assert response.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\ufeff", "\u202e", "\u202a", "\u2066", "\u2069"])
+def test_ids_with_invisible_line_breaks_or_direction_marks_are_refused_everywhere(
+        api: str, upstream: Upstream, char: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A line separator, a byte order mark or a bidi override in an id would show it as another id (in the
+    inspector, a log, a terminal): refused as the header, in a path and by the CLI; as the body's `user` (the
+    upstream's field) it names no one, so the chat goes on without memory and says why."""
+    user = f"alice{char}evil"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    refused = httpx.post(api + "/v1/chat/completions", json=body, headers={"X-Memory-User": user.encode()})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "X-Memory-User"
+    assert f"U+{ord(char):04X}" in refused.json()["error"]["message"]
+    assert httpx.get(f"{api}/memories/{segment(user)}").json()["error"]["code"] == "invalid_user"
+    upstream[0].reply("Hello!")
+    answered = httpx.post(api + "/v1/chat/completions", json={**body, "user": user})
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] == "Hello!"
+    assert answered.headers["x-memory-error"] == "user-invalid"
+    code = main(["memories", "list", f"--user={user}", "--db", str(tmp_path / "m.db")], environ={})
+    assert code == 2 and f"U+{ord(char):04X}" in capsys.readouterr().err
+    for fine in ("👨\u200d👩\u200d👧", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"):  # ZWJ: emoji; ZWNJ: Persian
+        assert httpx.get(f"{api}/memories/{segment(fine)}").status_code == 200
+
+
 @pytest.mark.parametrize("user", IDS)
 def test_the_cli_takes_the_same_ids(user: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = str(tmp_path / "m.db")
