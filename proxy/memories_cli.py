@@ -138,6 +138,7 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
             done = await restore(memories, user, parse_lines(args.data),
                                  lambda item, where: new_memory(item, param=where, cleaning=memories.cleaning))
             show(args, shown(done))
+            print(f"memory-proxy: {imported(done, args.file)}", file=sys.stderr)  # stdout holds the rows only
     return 0
 
 
@@ -181,6 +182,17 @@ async def hint_tenants(args: argparse.Namespace, store: Store, *, found: bool) -
     if tenants:
         print(f"memory-proxy: nothing for {args.user!r} outside a tenant; tenant(s) {', '.join(tenants)} have "
               "memories of this user: pass --tenant", file=sys.stderr)
+
+
+def imported(done: list[tuple[Any, str]], file: str) -> str:
+    """What an import did, in one line: how many memories it created, updated and left unchanged, or that the
+    input held none (an empty file, an empty array: nothing is written, and the user should know)."""
+    source = "standard input" if file == "-" else file
+    if not done:
+        return f"nothing imported: {source} holds no memories"
+    counts = {status: sum(1 for _, got in done if got == status) for status in ("created", "updated", "unchanged")}
+    return f"imported {len(done)} memories from {source}: " + ", ".join(f"{n} {status}" for status, n in
+                                                                         counts.items())
 
 
 def show(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:

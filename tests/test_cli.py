@@ -58,6 +58,17 @@ def test_export_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     dump.write_text(exported)
     code, out = run(capsys, db, "memories", "import", "--user", "v", str(dump), "--json")
     assert code == 0 and sorted(m["text"] for m in orjson.loads(out)) == ["Has a dog named Rex", "Likes jazz"]
+    code = main(["memories", "import", "--user", "v", str(dump), "--db", str(db)], environ={"HOME": str(tmp_path)})
+    again = capsys.readouterr()
+    assert code == 0 and len(again.out.splitlines()) == 2  # the rows on stdout, the summary on stderr
+    assert again.err == f"memory-proxy: imported 2 memories from {dump}: 0 created, 0 updated, 2 unchanged\n"
+    for empty in ("", "\n\n", "[]"):
+        (tmp_path / "empty.jsonl").write_text(empty)
+        code = main(["memories", "import", "--user", "v", str(tmp_path / "empty.jsonl"), "--db", str(db)],
+                    environ={"HOME": str(tmp_path)})
+        said = capsys.readouterr()
+        assert code == 0 and said.out == ""
+        assert said.err == f"memory-proxy: nothing imported: {tmp_path / 'empty.jsonl'} holds no memories\n"
 
 
 def test_bad_user_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
