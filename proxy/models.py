@@ -6,6 +6,7 @@ import os
 import re
 import time
 import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from typing import Any
@@ -147,17 +148,32 @@ def happened_at(value: Any) -> str | None:
         return None
 
 
-# Invisible characters that change how an id reads, not what it is: the line and paragraph separators (a log line
-# or a terminal breaks on them), the byte order mark, and the bidirectional embeddings, overrides and isolates that
-# "Trojan Source" (CVE-2021-42574) abuses to show one id as another in the inspector, a log or a shell. Zero-width
-# joiners stay: emoji sequences and scripts such as Persian need them.
-INVISIBLE = frozenset("\u2028\u2029\ufeff\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Characters that change how an id reads, not what it is: Unicode's format characters (category Cf: the byte order
+# mark, zero-width spaces, soft hyphens, and the bidirectional embeddings, overrides, isolates and marks that "Trojan
+# Source", CVE-2021-42574, abuses to show one id as another) and the line and paragraph separators (Zl, Zp: a log
+# line or a terminal breaks on them). Kept: the zero-width non-joiner and joiner (U+200C, U+200D), which Persian
+# and emoji sequences need, and the tag characters of flag emoji (U+E0020-E007F). Unicode 15.1's list; a test
+# (tests/test_user_ids.py) checks it against the running Python's Unicode database.
+INVISIBLE_RANGES = ((0x00AD, 0x00AD), (0x0600, 0x0605), (0x061C, 0x061C), (0x06DD, 0x06DD), (0x070F, 0x070F),
+                    (0x0890, 0x0891), (0x08E2, 0x08E2), (0x180E, 0x180E), (0x200B, 0x200B), (0x200E, 0x200F),
+                    (0x2028, 0x202E), (0x2060, 0x2064), (0x2066, 0x206F), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB),
+                    (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F), (0x1BCA0, 0x1BCA3),
+                    (0x1D173, 0x1D17A), (0xE0001, 0xE0001))
+
+
+def char_class(ranges: Sequence[tuple[int, int]], escape: Callable[[int], str]) -> str:
+    """The inside of a regular expression's [...] for `ranges` (inclusive code point pairs), each written
+    with `escape`."""
+    return "".join(escape(low) if low == high else f"{escape(low)}-{escape(high)}" for low, high in ranges)
+
+
+INVISIBLE = re.compile("[" + char_class(INVISIBLE_RANGES, lambda point: f"\\U{point:08x}") + "]")
 
 
 def check_user_id(user: str, noun: str = "user id") -> str | None:
     """Why a user id is unacceptable, or None when it is fine: non-empty, at most 256 characters, no control
-    characters (they would forge log lines and break headers), none of the INVISIBLE line breaks and direction
-    marks, and no lone surrogates (what bytes that are not UTF-8 become when a percent-encoded path or an
+    characters (they would forge log lines and break headers), none of the INVISIBLE format characters and line
+    breaks, and no lone surrogates (what bytes that are not UTF-8 become when a percent-encoded path or an
     argument is decoded). Any other character is fine, `/`, `%` and `..` included: in a URL the id is one
     percent-encoded path segment (proxy/routing.py)."""
     if not user:
@@ -166,10 +182,10 @@ def check_user_id(user: str, noun: str = "user id") -> str | None:
         return f"the {noun} is longer than {MAX_USER_ID} characters"
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in user):
         return f"the {noun} contains control characters"
-    invisible = next((c for c in user if c in INVISIBLE), None)
+    invisible = INVISIBLE.search(user)
     if invisible is not None:
-        return (f"the {noun} contains U+{ord(invisible):04X}, an invisible line break or direction mark (it would "
-                "show the id as another)")
+        return (f"the {noun} contains U+{ord(invisible.group()):04X}, an invisible format character or line break "
+                "(it would show the id as another)")
     if not is_unicode(user):
         return f"the {noun} is not valid UTF-8"
     return None

@@ -20,12 +20,14 @@ from starlette.responses import Response
 from proxy import __version__
 from proxy.api import MAX_LIST
 from proxy.config import Settings
-from proxy.models import INVISIBLE, MAX_USER_ID
+from proxy.models import INVISIBLE_RANGES, MAX_USER_ID, char_class
 
 Schema = dict[str, Any]
-# What check_user_id accepts: no control characters, none of the INVISIBLE marks. In a path the id is one
-# percent-encoded segment.
-USER_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f" + "".join(f"\\u{ord(c):04x}" for c in sorted(INVISIBLE)) + "]+$"
+# What check_user_id accepts: no control characters, none of the INVISIBLE format characters (those of the Basic
+# Multilingual Plane: a JSON Schema pattern is ECMA-262's, which has no escape for the others). In a path the id is
+# one percent-encoded segment.
+USER_PATTERN = ("^[^\\u0000-\\u001f\\u007f-\\u009f"
+                + char_class([r for r in INVISIBLE_RANGES if r[1] <= 0xFFFF], lambda point: f"\\u{point:04x}") + "]+$")
 SEGMENT = ("One percent-encoded path segment: any id the chat path accepts, `/` sent as `%2F`, `%` as `%25`, "
            "non-ASCII as UTF-8 (`team/alice` → `team%2Falice`).")
 ID_PART_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"  # empty, or a user id without the path's limits

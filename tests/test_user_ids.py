@@ -4,7 +4,9 @@ user. Real server, hashing embedder, real SQLite; the CLI with the real model.""
 
 from __future__ import annotations
 
+import re
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import pytest
 from proxy.cli import main
 from proxy.config import Settings
 from proxy.embed import HashEmbedder
+from proxy.models import INVISIBLE, check_user_id
+from proxy.openapi import USER_PATTERN
 from tests.fakeupstream import FakeUpstream
 
 Upstream = tuple[FakeUpstream, str]
@@ -107,12 +111,13 @@ def test_ids_no_path_can_name_are_refused_clearly(api: str, path: str, status: i
     assert response.json()["error"]["param"] == param
 
 
-@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\ufeff", "\u202e", "\u202a", "\u2066", "\u2069"])
-def test_ids_with_invisible_line_breaks_or_direction_marks_are_refused_everywhere(
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\ufeff", "\u202e", "\u202a", "\u2066", "\u2069", "\u200b",
+                                  "\u200e", "\u00ad", "\u2060", "\u061c", "\U000e0001"])
+def test_ids_with_invisible_format_characters_or_line_breaks_are_refused_everywhere(
         api: str, upstream: Upstream, char: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A line separator, a byte order mark or a bidi override in an id would show it as another id (in the
-    inspector, a log, a terminal): refused as the header, in a path and by the CLI; as the body's `user` (the
-    upstream's field) it names no one, so the chat goes on without memory and says why."""
+    """A line separator, a byte order mark, a zero-width space or a bidi override in an id would show it as another
+    id (in the inspector, a log, a terminal): refused as the header, in a path and by the CLI; as the body's `user`
+    (the upstream's field) it names no one, so the chat goes on without memory and says why."""
     user = f"alice{char}evil"
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     refused = httpx.post(api + "/v1/chat/completions", json=body, headers={"X-Memory-User": user.encode()})
@@ -125,8 +130,25 @@ def test_ids_with_invisible_line_breaks_or_direction_marks_are_refused_everywher
     assert answered.headers["x-memory-error"] == "user-invalid"
     code = main(["memories", "list", f"--user={user}", "--db", str(tmp_path / "m.db")], environ={})
     assert code == 2 and f"U+{ord(char):04X}" in capsys.readouterr().err
-    for fine in ("👨\u200d👩\u200d👧", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"):  # ZWJ: emoji; ZWNJ: Persian
+    for fine in ("👨\u200d👩\u200d👧", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # ZWJ: emoji; ZWNJ: Persian
+                 "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"):  # tags: a flag
         assert httpx.get(f"{api}/memories/{segment(fine)}").status_code == 200
+
+
+def test_the_invisible_list_is_every_format_character_and_line_break_unicode_knows() -> None:
+    """INVISIBLE is written out (Unicode 15.1); the running Python's Unicode database must not know a format
+    character (Cf) or a line or paragraph separator (Zl, Zp) it lacks, but the three kinds kept on purpose. The
+    OpenAPI pattern refuses the same characters of the Basic Multilingual Plane."""
+    kept = {0x200C, 0x200D, *range(0xE0020, 0xE0080)}
+    missing = [f"U+{point:04X}" for point in range(0x110000) if point not in kept
+               and unicodedata.category(chr(point)) in ("Cf", "Zl", "Zp") and not INVISIBLE.fullmatch(chr(point))]
+    assert missing == []
+    assert not any(INVISIBLE.fullmatch(chr(point)) for point in kept)
+    pattern = re.compile(USER_PATTERN.removesuffix("$") + r"\Z")  # `$` as ECMA-262 reads it: the end, no newline
+    for point in range(0x10000):
+        if 0xD800 <= point < 0xE000:
+            continue
+        assert bool(pattern.match(f"a{chr(point)}")) == (check_user_id(f"a{chr(point)}") is None), hex(point)
 
 
 @pytest.mark.parametrize("user", IDS)
