@@ -220,3 +220,30 @@ def test_a_large_scan_is_split_with_the_helper_and_taken_back_when_it_is_busy() 
     finally:
         release.set()
         blocker.result()
+
+
+def test_a_forked_child_scans_with_a_helper_of_its_own() -> None:
+    """A forked child has none of its parent's threads; an executor that believed otherwise would queue every
+    second half forever (each holding its matrix) while the caller did the work: the child starts a new helper."""
+    import os
+
+    rng = np.random.default_rng(10)
+    matrix = rng.standard_normal((SPLIT_ROWS + 7, DIM)).astype(np.float32)
+    query = rng.standard_normal(DIM).astype(np.float32)
+    row_dots(matrix, query)  # the parent's helper thread exists
+    parent = vectors._helper
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        ok = True
+        try:
+            for _ in range(20):
+                ok &= bool(np.allclose(row_dots(matrix, query), matrix @ query, rtol=1e-5, atol=1e-5))
+            ok &= vectors._helper is not parent and not vectors._helper._work_queue.qsize()
+        finally:
+            os.write(writing, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(writing)
+    assert os.read(reading, 1) == b"1"
+    os.waitpid(child, 0)
+    os.close(reading)

@@ -10,6 +10,7 @@ invalidate.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections import OrderedDict
@@ -214,6 +215,15 @@ SPLIT_ROWS = 4096
 _helper = ThreadPoolExecutor(1, thread_name_prefix="vector-scan")
 
 
+def _new_helper() -> None:
+    """A forked child has none of the parent's threads, but its executor would believe it had: start afresh."""
+    global _helper
+    _helper = ThreadPoolExecutor(1, thread_name_prefix="vector-scan")
+
+
+os.register_at_fork(after_in_child=_new_helper)
+
+
 def row_dots(matrix: npt.NDArray[np.float32], query: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """matrix @ query, one float32 per row, on this thread (and, past SPLIT_ROWS rows, the helper's). np.vecdot
     (numpy >= 2) runs one BLAS dot per row: 0.3 ms for 10k x 384, p95 0.4 ms. matmul would hand the work to
@@ -223,7 +233,10 @@ def row_dots(matrix: npt.NDArray[np.float32], query: npt.NDArray[np.float32]) ->
     if len(matrix) < SPLIT_ROWS:
         return dots_into(matrix, query, out)
     half = len(matrix) // 2
-    helped = _helper.submit(dots_into, matrix[half:], query, out[half:])
+    try:
+        helped = _helper.submit(dots_into, matrix[half:], query, out[half:])
+    except RuntimeError:  # the interpreter is shutting down: no new threads, so all of it here
+        return dots_into(matrix, query, out)
     dots_into(matrix[:half], query, out[:half])
     if helped.cancel():
         dots_into(matrix[half:], query, out[half:])
