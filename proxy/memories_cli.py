@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from proxy.auth import namespaced, parse_proxy_keys
 from proxy.config import Settings
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import open_memories
-from proxy.models import NewMemory, check_user_id, happened_at, whole_number
+from proxy.models import NewMemory, check_name, check_user_id, happened_at, whole_number
 from proxy.restore import parse_lines, restore, shown, with_status
 from proxy.store import Store, check_creatable, locate, stored_dimension
 from proxy.store.sessions import open_session_store
@@ -97,15 +98,17 @@ CREATES = frozenset({"add", "import"})  # the verbs that may start a new store; 
 
 
 async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
-    for value, noun in ((args.user, "user id"), (args.tenant, "tenant")):
-        problem = value is not None and check_user_id(value, noun)
+    # An id an earlier release stored can still be listed, exported and erased; new memories need a plain one.
+    for value, noun, check in ((args.user, "user id", check_user_id if args.verb in CREATES else check_name),
+                               (args.tenant, "tenant", check_name)):
+        problem = value is not None and check(value, noun)
         if problem:
             raise BadRequest(problem)
     warn_about_tenants(args, settings)
     new_store = await check_store(args.verb, settings)
     async with open_memories(settings) as memories:
         if new_store:
-            print(f"memory-proxy: created a new memory store at {new_store}", file=sys.stderr)
+            say(f"created a new memory store at {new_store}")
         store, user = memories.store, namespaced(args.tenant, args.user)
         if args.verb == "list":
             rows = [m.to_dict() for m in await store.list(user, args.limit, include_history=args.history)]
@@ -135,10 +138,13 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
                 before = page[-1].id
             await hint_tenants(args, store, found=before is not None)
         elif args.verb == "import":
-            done = await restore(memories, user, parse_lines(args.data),
-                                 lambda item, where: new_memory(item, param=where, cleaning=memories.cleaning))
+            try:
+                done = await restore(memories, user, parse_lines(args.data),
+                                     lambda item, where: new_memory(item, param=where, cleaning=memories.cleaning))
+            except BadRequest as exc:  # every line is read and checked before any is written
+                raise BadRequest(f"{exc.message} (nothing was imported)", param=exc.param, code=exc.code) from None
             show(args, shown(done))
-            print(f"memory-proxy: {imported(done, args.file)}", file=sys.stderr)  # stdout holds the rows only
+            say(imported(done, args.file))
     return 0
 
 
@@ -167,11 +173,10 @@ def warn_about_tenants(args: argparse.Namespace, settings: Settings) -> None:
     and when it names one that no key belongs to."""
     tenants = sorted(set(parse_proxy_keys(settings.proxy_keys).values()))
     if tenants and args.tenant is None:
-        print(f"memory-proxy: proxy_keys is set, so the proxy keeps memories per tenant ({', '.join(tenants)}); "
-              "without --tenant this works on memories kept outside every tenant", file=sys.stderr)
+        say(f"proxy_keys is set, so the proxy keeps memories per tenant ({', '.join(tenants)}); without --tenant "
+            "this works on memories kept outside every tenant")
     elif tenants and args.tenant not in tenants:
-        print(f"memory-proxy: tenant {args.tenant!r} has no key in proxy_keys ({', '.join(tenants)})",
-              file=sys.stderr)
+        say(f"tenant {args.tenant!r} has no key in proxy_keys ({', '.join(tenants)})")
 
 
 async def hint_tenants(args: argparse.Namespace, store: Store, *, found: bool) -> None:
@@ -180,19 +185,29 @@ async def hint_tenants(args: argparse.Namespace, store: Store, *, found: bool) -
         return
     tenants = await store.tenants_of(args.user)
     if tenants:
-        print(f"memory-proxy: nothing for {args.user!r} outside a tenant; tenant(s) {', '.join(tenants)} have "
-              "memories of this user: pass --tenant", file=sys.stderr)
+        say(f"nothing for {args.user!r} outside a tenant; tenant(s) {', '.join(tenants)} have memories of this "
+            "user: pass --tenant")
 
 
 def imported(done: list[tuple[Any, str]], file: str) -> str:
-    """What an import did, in one line: how many memories it created, updated and left unchanged, or that the
-    input held none (an empty file, an empty array: nothing is written, and the user should know)."""
+    """What an import did, in one line: what became of each memory it read (created, updated, which includes a
+    line merged into a memory as a restatement, and unchanged), or that the input held none (an empty file, an
+    empty array: nothing is written, and the user should know)."""
     source = "standard input" if file == "-" else file
     if not done:
         return f"nothing imported: {source} holds no memories"
     counts = {status: sum(1 for _, got in done if got == status) for status in ("created", "updated", "unchanged")}
-    return f"imported {len(done)} memories from {source}: " + ", ".join(f"{n} {status}" for status, n in
-                                                                         counts.items())
+    return (f"read {len(done)} {'memory' if len(done) == 1 else 'memories'} from {source}: "
+            + ", ".join(f"{n} {status}" for status, n in counts.items()))
+
+
+def say(line: str) -> None:
+    """A note for the person at the terminal, on stderr (stdout holds the rows only). Informational: a stderr that
+    is closed, full or gone changes nothing of what was done, nor the exit status."""
+    if sys.stderr is None:  # closed at start: print would fall back to stdout and spoil --json there
+        return
+    with contextlib.suppress(OSError, ValueError):
+        print(f"memory-proxy: {line}", file=sys.stderr, flush=True)
 
 
 def show(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:

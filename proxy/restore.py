@@ -30,7 +30,9 @@ Status = str  # "created", "updated" or "unchanged"
 
 
 def parse_lines(body: bytes) -> list[Any]:
-    """A JSON array, or JSON Lines."""
+    """A JSON array, or JSON Lines; a UTF-8 byte order mark before either is skipped (editors on Windows write one;
+    RFC 8259 §8.1 lets a parser ignore it)."""
+    body = body.removeprefix(b"\xef\xbb\xbf")
     if body.lstrip().startswith(b"["):
         try:
             items = orjson.loads(body)

@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench.seed import sentences
 from proxy.cli import main
 from proxy.store import open_store
 from proxy.store.sessions import NewMessage, open_session_store
@@ -61,7 +62,7 @@ def test_export_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     code = main(["memories", "import", "--user", "v", str(dump), "--db", str(db)], environ={"HOME": str(tmp_path)})
     again = capsys.readouterr()
     assert code == 0 and len(again.out.splitlines()) == 2  # the rows on stdout, the summary on stderr
-    assert again.err == f"memory-proxy: imported 2 memories from {dump}: 0 created, 0 updated, 2 unchanged\n"
+    assert again.err == f"memory-proxy: read 2 memories from {dump}: 0 created, 0 updated, 2 unchanged\n"
     for empty in ("", "\n\n", "[]"):
         (tmp_path / "empty.jsonl").write_text(empty)
         code = main(["memories", "import", "--user", "v", str(tmp_path / "empty.jsonl"), "--db", str(db)],
@@ -69,6 +70,35 @@ def test_export_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         said = capsys.readouterr()
         assert code == 0 and said.out == ""
         assert said.err == f"memory-proxy: nothing imported: {tmp_path / 'empty.jsonl'} holds no memories\n"
+
+
+def test_import_skips_a_byte_order_mark_and_says_a_refusal_imported_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file an editor saved with a UTF-8 byte order mark imports (RFC 8259 lets a parser ignore it); a line that
+    is refused says that nothing was imported, which is so: every line is checked before any is written."""
+    db = tmp_path / "m.db"
+    marked = tmp_path / "bom.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + b'{"text": "Likes jazz"}\n')
+    code = main(["memories", "import", "--user", "u", str(marked), "--db", str(db)], environ={"HOME": str(tmp_path)})
+    assert code == 0 and capsys.readouterr().err.endswith("read 1 memory from " + str(marked) + ": 1 created, "
+                                                          "0 updated, 0 unchanged\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "Has a cat"}\nnot json\n')
+    code = main(["memories", "import", "--user", "u", str(broken), "--db", str(db)], environ={"HOME": str(tmp_path)})
+    err = capsys.readouterr().err
+    assert code == 2 and "line 2 is not valid JSON (nothing was imported)" in err
+    _, listed = run(capsys, db, "memories", "list", "--user", "u", "--json")
+    assert [m["text"] for m in orjson.loads(listed)] == ["Likes jazz"]
+
+
+def test_import_with_stderr_closed_keeps_stdout_json(tmp_path: Path) -> None:
+    """With stderr closed, Python's print would write the summary to stdout and spoil the JSON there."""
+    dump = tmp_path / "u.jsonl"
+    dump.write_text('{"text": "Likes jazz"}\n')
+    done = subprocess.run(f"{sys.executable} -m proxy memories import --user u {dump} --json --db {tmp_path / 'm.db'} "
+                          "2>&-", shell=True, capture_output=True, env={**os.environ, "HOME": str(tmp_path)},
+                          cwd=Path(__file__).parent.parent, timeout=300)
+    assert done.returncode == 0 and [m["text"] for m in orjson.loads(done.stdout)] == ["Likes jazz"]
 
 
 def test_bad_user_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,11 +165,13 @@ def test_import_of_a_file_that_is_not_there_is_a_clear_error(tmp_path: Path,
 def test_export_into_a_pipe_closed_early_ends_quietly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`memory-proxy memories export ... | head -c 300`: the reader leaves; no traceback, exit 141 (as SIGPIPE)."""
     db = tmp_path / "m.db"
-    words = ["garden", "tomatoes", "roses", "compost", "shed", "hedge", "pond", "bees", "apple tree", "mint"]
-    notes = [{"text": f"Alice's note {n}: her {words[n % 10]} needs care on day {n}; " + "details " * 40}
-             for n in range(200)]  # ~100 KB exported: more than a pipe holds, so the export must meet the close
+    # Distinct sentences (near-duplicates would merge into a few memories): ~200 KB exported, far more than a pipe
+    # holds, so the export must meet the close.
+    notes = [{"text": text} for text in sentences(600)]
     (tmp_path / "notes.json").write_bytes(orjson.dumps(notes))
     assert run(capsys, db, "memories", "import", "--user", "alice", str(tmp_path / "notes.json"))[0] == 0
+    _, exported = run(capsys, db, "memories", "export", "--user", "alice")
+    assert len(exported.encode()) > 3 * 65536
     env = {**os.environ, "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     exporter = subprocess.Popen([sys.executable, "-m", "proxy", "memories", "export", "--user", "alice", "--db",
                                  str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
