@@ -16,7 +16,7 @@ from proxy import logs
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Cleaning, Memories
-from proxy.models import Memory, NewMemory, check_user_id, happened_at, is_unicode, whole_number
+from proxy.models import Memory, NewMemory, check_name, check_user_id, happened_at, is_unicode, whole_number
 from proxy.passthrough import off_loop, read_body
 from proxy.restore import MEMORY_ID, parse_lines, restore, shown, with_status
 from proxy.routing import SegmentRoute
@@ -32,16 +32,24 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 def guarded(handler: Handler) -> Handler:
     """Require the admin token or a proxy key when either is configured (proxy/auth.py); check the user id of
-    every route and put it in the caller's tenant namespace (`request.state.user`)."""
+    every route (check_name: an id an earlier release stored can still be read, exported and erased; adding
+    memories takes check_user_id, `new_user`) and put it in the caller's tenant namespace (`request.state.user`)."""
     async def guarded_handler(request: Request) -> Response:
         tenant = request.app.state.gate.manager(request)
-        problem = check_user_id(request.path_params["user"])
+        problem = check_name(request.path_params["user"])
         if problem:
             raise BadRequest(problem, param="user", code="invalid_user")
         request.state.user = namespaced(tenant, request.path_params["user"])
         logs.identified(request.state.user)
         return await handler(request)
     return guarded_handler
+
+
+def new_user(request: Request) -> None:
+    """Refuse to file new memories under an id that shows as another (check_user_id), though it may be read."""
+    problem = check_user_id(request.path_params["user"])
+    if problem:
+        raise BadRequest(problem, param="user", code="invalid_user")
 
 
 def memories_of(request: Request) -> tuple[Memories, str]:
@@ -113,6 +121,7 @@ async def list_memories(request: Request) -> Response:
 
 @guarded
 async def add_memories(request: Request) -> Response:
+    new_user(request)
     memories, user = memories_of(request)
     body = await json_body(request)
     items = await asyncio.to_thread(  # checked off the event loop: ~0.25 ms an item, and an array may be long
@@ -226,6 +235,7 @@ async def export_memories(request: Request) -> Response:
 async def import_memories(request: Request) -> Response:
     """JSON Lines (as exported) or a JSON array; ids, dates and history are kept (proxy/restore.py), so importing
     the same file twice changes nothing."""
+    new_user(request)
     memories, user = memories_of(request)
     body = await read_body(request, request.app.state.settings.max_body_bytes)
     items = await asyncio.to_thread(parse_lines, body)

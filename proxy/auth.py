@@ -30,7 +30,7 @@ from starlette.requests import Request
 
 from proxy.config import Settings
 from proxy.errors import BadRequest, ConfigError, Unauthorized
-from proxy.models import TENANT_SEPARATOR, check_user_id
+from proxy.models import TENANT_SEPARATOR, check_name
 
 TIMESTAMPED = re.compile(r"t=(\d{1,12}),\s*v1=([0-9a-fA-F]{64})")
 
@@ -51,7 +51,7 @@ def parse_proxy_keys(spec: str) -> dict[bytes, str]:
         tenant, key = tenant.strip(), key.strip()
         if not sep or not tenant or not key:
             raise ConfigError(f"proxy_keys entries look like tenant:key, not {entry[:12]!r}...")
-        if check_user_id(tenant):
+        if check_name(tenant, "tenant"):
             raise ConfigError(f"proxy_keys: tenant {tenant[:40]!r} is not a valid name")
         if len(key) < 16:
             raise ConfigError(f"proxy_keys: the key of tenant {tenant!r} is shorter than 16 characters")
@@ -107,7 +107,7 @@ class Gate:
             sent = bearer_token(request) or ""
             if hmac.compare_digest(sent.encode(), self.admin_token.encode()):
                 tenant = one_header(request, "X-Memory-Tenant")
-                if tenant is not None and check_user_id(tenant):
+                if tenant is not None and check_name(tenant, "tenant"):
                     raise Unauthorized("X-Memory-Tenant is not a valid tenant name")
                 return tenant or None
         if self.keys:

@@ -28,7 +28,7 @@ def identify(request: Request, body: dict[str, Any], header: str, gate: Gate, te
     to say so)."""
     user = one_header(request, header, code="invalid_user")  # sent twice, or not UTF-8: 400
     param = header
-    if user is not None and not user.strip():
+    if user is not None and not user.strip(" \t"):  # HTTP's own blank (RFC 9110 OWS); any other is checked below
         user = None
     if user is None:
         if gate.signing_secret:

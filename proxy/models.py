@@ -153,10 +153,13 @@ def happened_at(value: Any) -> str | None:
 # Source", CVE-2021-42574, abuses to show one id as another) and the line and paragraph separators (Zl, Zp: a log
 # line or a terminal breaks on them). Kept: the zero-width non-joiner and joiner (U+200C, U+200D), which Persian
 # and emoji sequences need, and the tag characters of flag emoji (U+E0020-E007F). Unicode 15.1's list; a test
-# (tests/test_user_ids.py) checks it against the running Python's Unicode database.
-INVISIBLE_RANGES = ((0x00AD, 0x00AD), (0x0600, 0x0605), (0x061C, 0x061C), (0x06DD, 0x06DD), (0x070F, 0x070F),
-                    (0x0890, 0x0891), (0x08E2, 0x08E2), (0x180E, 0x180E), (0x200B, 0x200B), (0x200E, 0x200F),
-                    (0x2028, 0x202E), (0x2060, 0x2064), (0x2066, 0x206F), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB),
+# (tests/test_user_ids.py) checks it against the running Python's Unicode database. Added: the other characters
+# Unicode says to ignore when shown (Default_Ignorable_Code_Point) that no text needs in an id: the combining
+# grapheme joiner U+034F, the Hangul fillers U+115F, U+1160, U+3164, U+FFA0, the Khmer inherent vowels U+17B4-5.
+INVISIBLE_RANGES = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x0600, 0x0605), (0x061C, 0x061C), (0x06DD, 0x06DD),
+                    (0x070F, 0x070F), (0x0890, 0x0891), (0x08E2, 0x08E2), (0x115F, 0x1160), (0x17B4, 0x17B5),
+                    (0x180E, 0x180E), (0x200B, 0x200B), (0x200E, 0x200F), (0x2028, 0x202E), (0x2060, 0x2064),
+                    (0x2066, 0x206F), (0x3164, 0x3164), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF9, 0xFFFB),
                     (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F), (0x1BCA0, 0x1BCA3),
                     (0x1D173, 0x1D17A), (0xE0001, 0xE0001))
 
@@ -168,26 +171,53 @@ def char_class(ranges: Sequence[tuple[int, int]], escape: Callable[[int], str]) 
 
 
 INVISIBLE = re.compile("[" + char_class(INVISIBLE_RANGES, lambda point: f"\\U{point:08x}") + "]")
+# What is kept of the invisible kinds shows nothing on its own, so it is kept only where it belongs: a joiner between
+# two non-ASCII characters (a Persian word, an emoji sequence), a variation selector after a non-ASCII character (or
+# in a keycap, "1\ufe0f\u20e3"), tag characters inside an emoji flag (U+1F3F4, tags, CANCEL TAG).
+STRAY_JOINER = re.compile("(?:^|[\x00-\x7f])[\u200c\u200d\ufe00-\ufe0f](?!\u20e3)|[\u200c\u200d](?:$|[\x00-\x7f])")
+FLAG = re.compile("\U0001f3f4[\U000e0020-\U000e007e]+\U000e007f")
+TAG = re.compile("[\U000e0020-\U000e007f]")
+BLANK = re.compile("[\\s\u200c\u200d\ufe00-\ufe0f\U000e0020-\U000e007f]*")
+
+
+def check_name(name: str, noun: str = "user id") -> str | None:
+    """Why `name` cannot name a user, session or tenant, or None: non-empty, at most 256 characters, no control
+    characters (they would forge log lines and break headers) and no lone surrogates (what bytes that are not
+    UTF-8 become when a percent-encoded path or an argument is decoded). Any other character is fine, `/`, `%`
+    and `..` included: in a URL the id is one percent-encoded path segment (proxy/routing.py). What an earlier
+    release stored stays reachable under this rule: it reads, exports and erases users; check_user_id is the
+    stricter rule for ids memories are newly filed under."""
+    if not name:
+        return f"the {noun} is empty"
+    if len(name) > MAX_USER_ID:
+        return f"the {noun} is longer than {MAX_USER_ID} characters"
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        return f"the {noun} contains control characters"
+    if not is_unicode(name):
+        return f"the {noun} is not valid UTF-8"
+    return None
 
 
 def check_user_id(user: str, noun: str = "user id") -> str | None:
-    """Why a user id is unacceptable, or None when it is fine: non-empty, at most 256 characters, no control
-    characters (they would forge log lines and break headers), none of the INVISIBLE format characters and line
-    breaks, and no lone surrogates (what bytes that are not UTF-8 become when a percent-encoded path or an
-    argument is decoded). Any other character is fine, `/`, `%` and `..` included: in a URL the id is one
-    percent-encoded path segment (proxy/routing.py)."""
-    if not user:
-        return f"the {noun} is empty"
-    if len(user) > MAX_USER_ID:
-        return f"the {noun} is longer than {MAX_USER_ID} characters"
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in user):
-        return f"the {noun} contains control characters"
+    """Why memories cannot be filed under the user id `user`, or None: check_name, and no id that shows as
+    another: none of the INVISIBLE format characters and line breaks, joiners, variation selectors and flag tags
+    only where they belong (STRAY_JOINER, FLAG), something visible, and no whitespace at either end."""
+    problem = check_name(user, noun)
+    if problem:
+        return problem
     invisible = INVISIBLE.search(user)
     if invisible is not None:
         return (f"the {noun} contains U+{ord(invisible.group()):04X}, an invisible format character or line break "
                 "(it would show the id as another)")
-    if not is_unicode(user):
-        return f"the {noun} is not valid UTF-8"
+    stray = STRAY_JOINER.search(user) or TAG.search(FLAG.sub("", user))
+    if stray is not None:
+        point = next(c for c in stray.group() if not c.isascii())
+        return (f"the {noun} contains U+{ord(point):04X}, a joiner, variation selector or tag character where it "
+                "joins nothing (it would show the id as another)")
+    if BLANK.fullmatch(user):
+        return f"the {noun} has no visible character"
+    if user != user.strip():
+        return f"the {noun} starts or ends with whitespace (it would show the id as another)"
     return None
 
 

@@ -23,9 +23,12 @@ from proxy.config import Settings
 from proxy.models import INVISIBLE_RANGES, MAX_USER_ID, char_class
 
 Schema = dict[str, Any]
-# What check_user_id accepts: no control characters, none of the INVISIBLE format characters (those of the Basic
-# Multilingual Plane: a JSON Schema pattern is ECMA-262's, which has no escape for the others). In a path the id is
-# one percent-encoded segment.
+# What check_name accepts (a path's user, a session): no control characters. What check_user_id accepts (an id new
+# memories are filed under): that, and none of the INVISIBLE format characters (those of the Basic Multilingual
+# Plane: a JSON Schema pattern is ECMA-262's, which has no escape for the others; where joiners and variation
+# selectors belong, and no whitespace at the ends, are beyond a pattern). In a path the id is one percent-encoded
+# segment.
+NAME_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]+$"
 USER_PATTERN = ("^[^\\u0000-\\u001f\\u007f-\\u009f"
                 + char_class([r for r in INVISIBLE_RANGES if r[1] <= 0xFFFF], lambda point: f"\\u{point:04x}") + "]+$")
 SEGMENT = ("One percent-encoded path segment: any id the chat path accepts, `/` sent as `%2F`, `%` as `%25`, "
@@ -77,7 +80,7 @@ def schemas(settings: Settings) -> dict[str, Schema]:
                      "valid_until": nullable("number")}
     end_user = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": USER_PATTERN,
                 "description": "Names the end user when the user header does not."}
-    session_name = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": USER_PATTERN,
+    session_name = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": NAME_PATTERN,
                     "description": "The conversation this turn belongs to (sessions are named after it)."}
     return {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {
@@ -148,8 +151,11 @@ def with_memory(summary: str, request: str, user_header: str) -> Schema:
 
 def user_param() -> Schema:
     return {"name": "user", "in": "path", "required": True,
-            "description": "The end user whose memories these are. " + SEGMENT,
-            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": USER_PATTERN}}
+            "description": "The end user whose memories these are. " + SEGMENT + " New memories are filed only "
+                           "under an id that shows as itself (no invisible format characters or line breaks, "
+                           "something visible, no whitespace at the ends); one an earlier release stored can still "
+                           "be read, exported and erased.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "pattern": NAME_PATTERN}}
 
 
 def query(name: str, schema: Schema, description: str, required: bool = False) -> Schema:
@@ -201,7 +207,7 @@ def one_session(summary: str, ok: Schema, params: list[Schema] | None = None) ->
     operation["responses"]["404"] = error("No such session, or conversation memory is not available")
     operation["parameters"].append({"name": "session", "in": "path", "required": True, "description": SEGMENT,
                                     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID,
-                                               "pattern": USER_PATTERN}})
+                                               "pattern": NAME_PATTERN}})
     return operation
 
 

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from proxy import context
 from proxy.context import TokenCounter, budget_for, message_texts
 from proxy.errors import BadRequest
-from proxy.models import MAX_USER_ID, check_user_id
+from proxy.models import MAX_USER_ID, check_name
 from proxy.store.sessions import ChunkHit, SessionStore, open_session_store
 from proxy.upkeep import Job, Upkeep
 from proxy.upstream import RawHeaders, Upstream, credentials
@@ -62,13 +62,13 @@ def session_key(value: Any) -> str | None:
     None for "" or a value that is not a string. The upstream judges its own fields: none is refused here."""
     if not isinstance(value, str) or not value:
         return None
-    if check_user_id(value, "session id") is None:
+    if check_name(value, "session id") is None:
         return value
     return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def check_session(value: Any, param: str) -> str:
-    if not isinstance(value, str) or check_user_id(value, "session id"):
+    if not isinstance(value, str) or check_name(value, "session id"):
         raise BadRequest(f"the session id must be a string of 1 to {MAX_USER_ID} characters without control "
                          "characters", param=param, code="invalid_session")
     return value

@@ -13,14 +13,14 @@ from proxy.api import MAX_LIST, int_param, json_response
 from proxy.auth import namespaced
 from proxy.errors import BadRequest, NotFound
 from proxy.memories import Memories
-from proxy.models import TENANT_SEPARATOR, check_user_id
+from proxy.models import TENANT_SEPARATOR, check_name
 
 
 def text_param(request: Request, name: str) -> str:
-    """An optional part of a user id from the query: empty, or what `check_user_id` accepts (no control
+    """An optional part of a user id from the query: empty, or what `check_name` accepts (no control
     characters, which keeps the caller inside its tenant's namespace)."""
     value = request.query_params.get(name, "")
-    problem = check_user_id(value) if value else None
+    problem = check_name(value) if value else None
     if problem:
         raise BadRequest(f"'{name}' is not a valid user id or part of one: {problem}", param=name)
     return value

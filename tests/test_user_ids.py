@@ -4,6 +4,7 @@ user. Real server, hashing embedder, real SQLite; the CLI with the real model.""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import unicodedata
@@ -11,14 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 
 from proxy.cli import main
 from proxy.config import Settings
 from proxy.embed import HashEmbedder
-from proxy.models import INVISIBLE, check_user_id
+from proxy.models import INVISIBLE, NewMemory, check_user_id
 from proxy.openapi import USER_PATTERN
+from proxy.store import open_store
+from proxy.use import DIMENSION
 from tests.fakeupstream import FakeUpstream
 
 Upstream = tuple[FakeUpstream, str]
@@ -116,19 +120,24 @@ def test_ids_no_path_can_name_are_refused_clearly(api: str, path: str, status: i
 def test_ids_with_invisible_format_characters_or_line_breaks_are_refused_everywhere(
         api: str, upstream: Upstream, char: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A line separator, a byte order mark, a zero-width space or a bidi override in an id would show it as another
-    id (in the inspector, a log, a terminal): refused as the header, in a path and by the CLI; as the body's `user`
-    (the upstream's field) it names no one, so the chat goes on without memory and says why."""
+    id (in the inspector, a log, a terminal): no memory is filed under it, as the header, in a path, by import or by
+    the CLI; as the body's `user` (the upstream's field) it names no one, so the chat goes on without memory and
+    says why. Reading, exporting and erasing such an id (one an earlier release stored) still works."""
     user = f"alice{char}evil"
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     refused = httpx.post(api + "/v1/chat/completions", json=body, headers={"X-Memory-User": user.encode()})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "X-Memory-User"
     assert f"U+{ord(char):04X}" in refused.json()["error"]["message"]
-    assert httpx.get(f"{api}/memories/{segment(user)}").json()["error"]["code"] == "invalid_user"
+    for path in ("", "/import"):
+        added = httpx.post(f"{api}/memories/{segment(user)}{path}", json=[{"text": "likes tea"}])
+        assert added.status_code == 400 and added.json()["error"]["code"] == "invalid_user", path
+    for method, path in (("GET", ""), ("GET", "/export"), ("DELETE", "")):
+        assert httpx.request(method, f"{api}/memories/{segment(user)}{path}").status_code == 200, (method, path)
     upstream[0].reply("Hello!")
     answered = httpx.post(api + "/v1/chat/completions", json={**body, "user": user})
     assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] == "Hello!"
     assert answered.headers["x-memory-error"] == "user-invalid"
-    code = main(["memories", "list", f"--user={user}", "--db", str(tmp_path / "m.db")], environ={})
+    code = main(["memories", "add", f"--user={user}", "likes tea", "--db", str(tmp_path / "m.db")], environ={})
     assert code == 2 and f"U+{ord(char):04X}" in capsys.readouterr().err
     for fine in ("👨\u200d👩\u200d👧", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # ZWJ: emoji; ZWNJ: Persian
                  "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"):  # tags: a flag
@@ -145,10 +154,71 @@ def test_the_invisible_list_is_every_format_character_and_line_break_unicode_kno
     assert missing == []
     assert not any(INVISIBLE.fullmatch(chr(point)) for point in kept)
     pattern = re.compile(USER_PATTERN.removesuffix("$") + r"\Z")  # `$` as ECMA-262 reads it: the end, no newline
+    contextual = {0x200C, 0x200D, *range(0xFE00, 0xFE10)}  # kept where they belong, which a pattern cannot say
     for point in range(0x10000):
-        if 0xD800 <= point < 0xE000:
+        if 0xD800 <= point < 0xE000 or point in contextual:
             continue
-        assert bool(pattern.match(f"a{chr(point)}")) == (check_user_id(f"a{chr(point)}") is None), hex(point)
+        assert bool(pattern.match(f"a{chr(point)}b")) == (check_user_id(f"a{chr(point)}b") is None), hex(point)
+
+
+FLAG = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"  # Scotland
+
+
+@pytest.mark.parametrize(("user", "why"), [
+    ("ali\u200dce", "U+200D"), ("ali\u200cce", "U+200C"), ("\u200d", "U+200D"), ("alice\ufe0f", "U+FE0F"),
+    ("alice\U000e0041", "U+E0041"), ("alice\U000e007f", "U+E007F"), ("\U000e0041", "U+E0041"),
+    (FLAG[:-1], "U+E0067"), (" ", "no visible character"), ("\u3000", "no visible character"),
+    ("\xa0dave", "whitespace"), ("erin\u3000", "whitespace"), ("dave ", "whitespace"), ("\tdave", "control"),
+])
+def test_what_is_kept_of_the_invisible_kinds_is_kept_only_where_it_belongs(user: str, why: str) -> None:
+    """Joiners between two non-ASCII characters, variation selectors after one, tag characters inside an emoji
+    flag: elsewhere they show nothing and make a look-alike of another id, as an id of nothing visible, or one
+    padded with whitespace, would."""
+    problem = check_user_id(user)
+    assert problem is not None and why in problem
+    for fine in ("👨\u200d👩\u200d👧", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", FLAG, "❤\ufe0fteam",
+                 "1\ufe0f\u20e3team", "with space", "a\u00a0b", f"team {FLAG}"):
+        assert check_user_id(fine) is None, fine
+
+
+@pytest.mark.parametrize("header", ["\u2028", "\u2029", "\u3000", "\u00a0", "\u200d"])
+def test_a_user_header_of_other_blanks_is_refused_not_taken_for_no_header(api: str, upstream: Upstream,
+                                                                          header: str) -> None:
+    """An empty user header (or spaces and tabs, HTTP's own blank) names no one; a header of any other blank
+    character is a malformed id: a 400, never the body's `user` instead."""
+    body = {"model": "m", "user": "carol", "messages": [{"role": "user", "content": "hi"}]}
+    refused = httpx.post(api + "/v1/chat/completions", json=body, headers={"X-Memory-User": header.encode()})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "X-Memory-User"
+    upstream[0].reply("Hello!")
+    assert httpx.post(api + "/v1/chat/completions", json=body, headers={"X-Memory-User": ""}).status_code == 200
+
+
+def test_an_id_an_earlier_release_stored_can_still_be_listed_exported_and_erased(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before ids that show as another were refused, any id without control characters was stored: its memories
+    (and the users list's paging past it) stay reachable, so they can be exported and erased."""
+    db = tmp_path / "m.db"
+    legacy = "alice\u200bx"
+
+    async def seed() -> None:
+        store = await open_store(str(db), dimension=DIMENSION)
+        try:
+            await store.add(legacy, [NewMemory("User keeps bees")], np.ones((1, DIMENSION), dtype=np.float32))
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+
+    def cli(*argv: str) -> tuple[int, str]:
+        code = main([*argv, "--db", str(db)], environ={"HOME": str(tmp_path)})
+        return code, capsys.readouterr().out
+
+    assert [m["text"] for m in orjson.loads(cli("memories", "list", f"--user={legacy}", "--json")[1])] == [
+        "User keeps bees"]
+    assert orjson.loads(cli("memories", "export", f"--user={legacy}")[1].splitlines()[0])["user"] == legacy
+    assert cli("memories", "add", f"--user={legacy}", "Another")[0] == 2  # nothing new is filed under it
+    assert orjson.loads(cli("memories", "erase", f"--user={legacy}", "--yes", "--json")[1])[0]["deleted"] == 1
+    assert orjson.loads(cli("memories", "list", f"--user={legacy}", "--json")[1]) == []
 
 
 @pytest.mark.parametrize("user", IDS)
