@@ -166,13 +166,15 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    if sys.stderr is None:  # started with stderr closed: Python's print and argparse would write to stdout instead
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     args = build_parser().parse_args(argv)
     args.environ = environ
     try:
         result: int = args.run(args)
         return result
     except ProxyError as exc:
-        print(f"memory-proxy: {exc.message}", file=sys.stderr)
+        memories_cli.say(exc.message)  # an unwritable stderr must not turn the exit status into another
         return 2
     except KeyboardInterrupt:
         return 130
@@ -180,6 +182,5 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
         return 141  # 128 + SIGPIPE, as a shell reports a command its pipe stopped
     except OSError as exc:  # the machine's refusal (a full disk for the output, say): one line
-        print(f"memory-proxy: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
-              file=sys.stderr)
+        memories_cli.say(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return 1

@@ -29,10 +29,13 @@ MEMORY_ID = re.compile(r"[0-9a-f]{20}")  # proxy.models.new_id
 Status = str  # "created", "updated" or "unchanged"
 
 
+BOM = b"\xef\xbb\xbf"
+
+
 def parse_lines(body: bytes) -> list[Any]:
-    """A JSON array, or JSON Lines; a UTF-8 byte order mark before either is skipped (editors on Windows write one;
-    RFC 8259 §8.1 lets a parser ignore it)."""
-    body = body.removeprefix(b"\xef\xbb\xbf")
+    """A JSON array, or JSON Lines; a UTF-8 byte order mark before either, or before any line (files joined with
+    `cat`), is skipped (editors on Windows write one; RFC 8259 §8.1 lets a parser ignore it)."""
+    body = body.removeprefix(BOM)
     if body.lstrip().startswith(b"["):
         try:
             items = orjson.loads(body)
@@ -41,6 +44,7 @@ def parse_lines(body: bytes) -> list[Any]:
         return list(items)
     items = []
     for number, line in enumerate(body.splitlines(), start=1):
+        line = line.removeprefix(BOM)
         if line.strip():
             try:
                 items.append(orjson.loads(line))

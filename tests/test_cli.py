@@ -79,6 +79,11 @@ def test_import_skips_a_byte_order_mark_and_says_a_refusal_imported_nothing(
     db = tmp_path / "m.db"
     marked = tmp_path / "bom.jsonl"
     marked.write_bytes(b"\xef\xbb\xbf" + b'{"text": "Likes jazz"}\n')
+    joined = tmp_path / "joined.jsonl"  # `cat a.jsonl b.jsonl` of two such files: a mark before a later line too
+    joined.write_bytes(b"\xef\xbb\xbf" + b'{"text": "Likes jazz"}\n' + b"\xef\xbb\xbf" + b'{"text": "Likes jazz"}\n')
+    assert main(["memories", "import", "--user", "w", str(joined), "--db", str(db)],
+                environ={"HOME": str(tmp_path)}) == 0
+    capsys.readouterr()
     code = main(["memories", "import", "--user", "u", str(marked), "--db", str(db)], environ={"HOME": str(tmp_path)})
     assert code == 0 and capsys.readouterr().err.endswith("read 1 memory from " + str(marked) + ": 1 created, "
                                                           "0 updated, 0 unchanged\n")
@@ -99,6 +104,13 @@ def test_import_with_stderr_closed_keeps_stdout_json(tmp_path: Path) -> None:
                           "2>&-", shell=True, capture_output=True, env={**os.environ, "HOME": str(tmp_path)},
                           cwd=Path(__file__).parent.parent, timeout=300)
     assert done.returncode == 0 and [m["text"] for m in orjson.loads(done.stdout)] == ["Likes jazz"]
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    for redirect in ("2>&-", "2>/dev/full"):  # an error, too, stays off stdout, and its exit status is kept
+        refused = subprocess.run(f"{sys.executable} -m proxy memories import --user u {tmp_path / 'bad.jsonl'} "
+                                 f"--db {tmp_path / 'm.db'} {redirect}", shell=True, capture_output=True,
+                                 env={**os.environ, "HOME": str(tmp_path)}, cwd=Path(__file__).parent.parent,
+                                 timeout=300)
+        assert (refused.returncode, refused.stdout) == (2, b""), redirect
 
 
 def test_bad_user_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
