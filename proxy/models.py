@@ -155,13 +155,14 @@ def happened_at(value: Any) -> str | None:
 # and emoji sequences need, and the tag characters of flag emoji (U+E0020-E007F). Unicode 15.1's list; a test
 # (tests/test_user_ids.py) checks it against the running Python's Unicode database. Added: the other characters
 # Unicode says to ignore when shown (Default_Ignorable_Code_Point) that no text needs in an id: the combining
-# grapheme joiner U+034F, the Hangul fillers U+115F, U+1160, U+3164, U+FFA0, the Khmer inherent vowels U+17B4-5.
+# grapheme joiner U+034F, the Hangul fillers U+115F, U+1160, U+3164, U+FFA0, the Khmer inherent vowels U+17B4-5,
+# and the code points it keeps for more of them (U+2065, U+FFF0-FFF8, U+E0000-E0FFF but the tags and selectors).
 INVISIBLE_RANGES = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x0600, 0x0605), (0x061C, 0x061C), (0x06DD, 0x06DD),
                     (0x070F, 0x070F), (0x0890, 0x0891), (0x08E2, 0x08E2), (0x115F, 0x1160), (0x17B4, 0x17B5),
                     (0x180E, 0x180E), (0x200B, 0x200B), (0x200E, 0x200F), (0x2028, 0x202E), (0x2060, 0x2064),
-                    (0x2066, 0x206F), (0x3164, 0x3164), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF9, 0xFFFB),
+                    (0x2065, 0x206F), (0x3164, 0x3164), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFFB),
                     (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F), (0x1BCA0, 0x1BCA3),
-                    (0x1D173, 0x1D17A), (0xE0001, 0xE0001))
+                    (0x1D173, 0x1D17A), (0xE0000, 0xE001F), (0xE0080, 0xE00FF), (0xE01F0, 0xE0FFF))
 
 
 def char_class(ranges: Sequence[tuple[int, int]], escape: Callable[[int], str]) -> str:
@@ -171,13 +172,19 @@ def char_class(ranges: Sequence[tuple[int, int]], escape: Callable[[int], str]) 
 
 
 INVISIBLE = re.compile("[" + char_class(INVISIBLE_RANGES, lambda point: f"\\U{point:08x}") + "]")
-# What is kept of the invisible kinds shows nothing on its own, so it is kept only where it belongs: a joiner between
-# two non-ASCII characters (a Persian word, an emoji sequence), a variation selector after a non-ASCII character (or
-# in a keycap, "1\ufe0f\u20e3"), tag characters inside an emoji flag (U+1F3F4, tags, CANCEL TAG).
-STRAY_JOINER = re.compile("(?:^|[\x00-\x7f])[\u200c\u200d\ufe00-\ufe0f](?!\u20e3)|[\u200c\u200d](?:$|[\x00-\x7f])")
+# What is kept of the invisible kinds shows nothing on its own, so it is kept only where it belongs, one at a time: a
+# joiner between two non-ASCII characters that are not spaces (a Persian word, an emoji sequence), a variation
+# selector (emoji's, Mongolian's, the ideographic ones) after such a character or in a keycap ("1\ufe0f\u20e3"),
+# tag characters inside an emoji flag (U+1F3F4, tags, CANCEL TAG).
+JOINER = "\u200c\u200d"
+SELECTOR = "\ufe00-\ufe0f\u180b-\u180d\u180f\U000e0100-\U000e01ef"
+STRAY_JOINER = re.compile(
+    f"(?:^|[\\x00-\\x7f\\s])[{JOINER}]|[{JOINER}](?:$|[\\x00-\\x7f\\s])|[{JOINER}]{{2,}}|[{SELECTOR}]{{2,}}"
+    f"|(?:^|\\s)[{SELECTOR}]|(?<=[\\x00-\\x7f])(?<![#*0-9])[{SELECTOR}]|[#*0-9][{SELECTOR}](?!\\u20e3)")
 FLAG = re.compile("\U0001f3f4[\U000e0020-\U000e007e]+\U000e007f")
 TAG = re.compile("[\U000e0020-\U000e007f]")
-BLANK = re.compile("[\\s\u200c\u200d\ufe00-\ufe0f\U000e0020-\U000e007f]*")
+KEPT = re.compile(f"[{JOINER}{SELECTOR}\U000e0020-\U000e007f]")
+BLANK = re.compile(f"[\\s\u2800{JOINER}{SELECTOR}\\U000e0020-\\U000e007f]*")  # U+2800: the braille blank
 
 
 def check_name(name: str, noun: str = "user id") -> str | None:
@@ -211,7 +218,7 @@ def check_user_id(user: str, noun: str = "user id") -> str | None:
                 "(it would show the id as another)")
     stray = STRAY_JOINER.search(user) or TAG.search(FLAG.sub("", user))
     if stray is not None:
-        point = next(c for c in stray.group() if not c.isascii())
+        point = next(c for c in stray.group() if KEPT.match(c))
         return (f"the {noun} contains U+{ord(point):04X}, a joiner, variation selector or tag character where it "
                 "joins nothing (it would show the id as another)")
     if BLANK.fullmatch(user):

@@ -154,7 +154,7 @@ def test_the_invisible_list_is_every_format_character_and_line_break_unicode_kno
     assert missing == []
     assert not any(INVISIBLE.fullmatch(chr(point)) for point in kept)
     pattern = re.compile(USER_PATTERN.removesuffix("$") + r"\Z")  # `$` as ECMA-262 reads it: the end, no newline
-    contextual = {0x200C, 0x200D, *range(0xFE00, 0xFE10)}  # kept where they belong, which a pattern cannot say
+    contextual = {0x200C, 0x200D, *range(0xFE00, 0xFE10), 0x180B, 0x180C, 0x180D, 0x180F, 0x2800}  # beyond a pattern
     for point in range(0x10000):
         if 0xD800 <= point < 0xE000 or point in contextual:
             continue
@@ -169,6 +169,10 @@ FLAG = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f" 
     ("alice\U000e0041", "U+E0041"), ("alice\U000e007f", "U+E007F"), ("\U000e0041", "U+E0041"),
     (FLAG[:-1], "U+E0067"), (" ", "no visible character"), ("\u3000", "no visible character"),
     ("\xa0dave", "whitespace"), ("erin\u3000", "whitespace"), ("dave ", "whitespace"), ("\tdave", "control"),
+    ("alice\U000e0100", "U+E0100"), ("alice\u180b", "U+180B"), ("alice\U000e0080", "U+E0080"),
+    ("alice\u2065", "U+2065"), ("alice\ufff0", "U+FFF0"), ("\u2800", "no visible character"),
+    ("\u00e9\u200c\u200c\u00e9", "U+200C"), ("zo\u00eb\ufe0f\ufe0f", "U+FE0F"), ("alice\u00a0\ufe0f", "U+FE0F"),
+    ("a\u200c\u20e3", "U+200C"),
 ])
 def test_what_is_kept_of_the_invisible_kinds_is_kept_only_where_it_belongs(user: str, why: str) -> None:
     """Joiners between two non-ASCII characters, variation selectors after one, tag characters inside an emoji
@@ -177,7 +181,8 @@ def test_what_is_kept_of_the_invisible_kinds_is_kept_only_where_it_belongs(user:
     problem = check_user_id(user)
     assert problem is not None and why in problem
     for fine in ("👨\u200d👩\u200d👧", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", FLAG, "❤\ufe0fteam",
-                 "1\ufe0f\u20e3team", "with space", "a\u00a0b", f"team {FLAG}"):
+                 "1\ufe0f\u20e3team", "with space", "a\u00a0b", f"team {FLAG}", "\u2764\ufe0f\u200d\U0001f525",
+                 "\u845b\U000e0100\u57ce", "\u1820\u180b\u1822"):
         assert check_user_id(fine) is None, fine
 
 
