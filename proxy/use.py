@@ -135,8 +135,10 @@ class Pieces:
 
     Where the two differ, the port is followed: a run of characters the vocabulary lacks (emoji, some scripts'
     digits) is one unknown piece per character there, one for the whole run in sentencepiece; and a blank text is
-    one unknown piece there, none here. Only a text with an unknown piece takes the slower path that counts its
-    characters (sentencepiece's full result, ~3x the ids alone). ModelError when sentencepiece is missing."""
+    one unknown piece there, none here; "<s>", "</s>" and "<unk>" written in a text are those pieces there,
+    characters here, so such a text is cut by the port itself. Only a text with an unknown piece takes the slower
+    path that counts its characters (sentencepiece's full result, ~3x the ids alone). ModelError when sentencepiece
+    is missing."""
 
     def __init__(self, path: Path) -> None:
         try:
