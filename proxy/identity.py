@@ -52,4 +52,4 @@ def unusable_user(body: dict[str, Any]) -> bool:
     user = body.get("user")
     if user is None:
         return False
-    return not isinstance(user, str) or not user.strip() or check_user_id(user) is not None
+    return not isinstance(user, str) or check_user_id(user) is not None

@@ -203,9 +203,8 @@ def imported(done: list[tuple[Any, str]], file: str) -> str:
 
 def say(line: str) -> None:
     """A note for the person at the terminal, on stderr (stdout holds the rows only). Informational: a stderr that
-    is closed, full or gone changes nothing of what was done, nor the exit status."""
-    if sys.stderr is None:  # closed at start: print would fall back to stdout and spoil --json there
-        return
+    is closed (proxy/cli.py: main puts /dev/null there), full or gone changes nothing of what was done, nor the
+    exit status."""
     with contextlib.suppress(OSError, ValueError):
         print(f"memory-proxy: {line}", file=sys.stderr, flush=True)
 

@@ -28,12 +28,13 @@ Schema = dict[str, Any]
 # Plane: a JSON Schema pattern is ECMA-262's, which has no escape for the others; where joiners and variation
 # selectors belong, and no whitespace at the ends, are beyond a pattern). In a path the id is one percent-encoded
 # segment.
-NAME_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]+$"
-USER_PATTERN = ("^[^\\u0000-\\u001f\\u007f-\\u009f"
+CONTROLS = r"\u0000-\u001f\u007f-\u009f"
+NAME_PATTERN = f"^[^{CONTROLS}]+$"
+USER_PATTERN = (f"^[^{CONTROLS}"
                 + char_class([r for r in INVISIBLE_RANGES if r[1] <= 0xFFFF], lambda point: f"\\u{point:04x}") + "]+$")
 SEGMENT = ("One percent-encoded path segment: any id the chat path accepts, `/` sent as `%2F`, `%` as `%25`, "
            "non-ASCII as UTF-8 (`team/alice` → `team%2Falice`).")
-ID_PART_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"  # empty, or a user id without the path's limits
+ID_PART_PATTERN = f"^[^{CONTROLS}]*$"  # empty, or a user id without the path's limits
 MEMORY_ID_PATTERN = r"^[0-9a-f]{20}$"  # proxy.models.new_id
 NOT_BLANK = r"\S"
 # One server-sent event: its data is a chat.completion.chunk, "[DONE]", or {"error": …} when the upstream broke off.
