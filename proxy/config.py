@@ -68,8 +68,8 @@ class Settings:
                              "reembed`.")
     model_dir: str = setting("", "An ONNX sentence-transformers model directory (model.onnx + tokenizer.json) used "
                                  "instead of `model`.")
-    embed_threads: int = setting(1, "Threads the embedding model computes with: numpy's BLAS threads, process-wide, "
-                                    "for the default model; onnxruntime's intra-op threads for minilm-l6.")
+    embed_threads: int = setting(1, "Threads the embedding model computes with: onnxruntime's intra-op threads, "
+                                    "and numpy's BLAS threads, process-wide.")
     embed_batch: int = setting(32, "Most texts embedded in one model run (concurrent queries are batched).")
     embed_cache: int = setting(2048, "Recent query vectors kept in an LRU cache (0 disables it).")
     user_header: str = setting("X-Memory-User", "Request header that names the end user (else the body's `user`).")

